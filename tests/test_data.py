@@ -255,6 +255,11 @@ def test_truncated_png_in_the_middle_of_its_data_is_caught():
     assert "row 0, column 'images': image 0 is not a readable image" in str(_bad(rows))
 
 
+def test_passthrough_column_with_mixed_types_is_named():
+    with pytest.raises(DataError, match="column 'level' of <list> mixes value types"):
+        load_dataset_for_training([{"prompt": "a", "answer": "1", "level": 3}, {"prompt": "b", "answer": "2", "level": "hard"}])
+
+
 def test_bad_prompt_in_the_first_row_of_a_trl_dataset():
     error = _bad([{"prompt": None, "answer": "1"}, {"prompt": {"role": "user"}, "answer": "1"}, {"prompt": "ok", "answer": "1"}])
     assert [(e.row, e.column) for e in error.errors] == [(0, "prompt"), (1, "prompt")]

@@ -41,7 +41,13 @@ import PIL.ImageOps
 
 # Image markers that must never appear in an expert solution: a Qwen2.5-VL `<|image_pad|>` in the expert
 # text would be expanded by the processor (or break its rope index) although there is no image for it.
-IMAGE_PLACEHOLDERS: tuple[str, ...] = ("<image>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
+IMAGE_PLACEHOLDERS: tuple[str, ...] = (
+    "<image>",
+    "<|image_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|video_pad|>",
+)
 PROMPT_IMAGE_TOKEN = "<image>"  # how verl / ViRL39K prompts mark where an image goes
 SCHEMAS = ("auto", "trl", "verl")
 ROLES = ("system", "user", "assistant", "tool")
@@ -151,7 +157,7 @@ def load_rows(source: Any) -> list[dict]:
         return _arrow_to_rows(pq.read_table(path))
     if suffix in (".jsonl", ".json"):
         return _read_json_rows(path)
-    raise DataError(f"unsupported data file {path.name!r}: expected .parquet, .jsonl, .json or a save_to_disk directory")
+    raise DataError(f"unsupported data file {path.name!r}: expected .parquet, .jsonl, .json or a saved directory")
 
 
 def _arrow_to_rows(table: Any) -> list[dict]:
@@ -235,8 +241,6 @@ def load_dataset_for_training(
     Images are kept as their original encoded bytes (validated, not re-encoded) in a
     `List(Image(mode="RGB"))` column, so reading a row gives PIL RGB images.
     """
-    import datasets
-
     cols = _columns(columns, column_names)
     base_dir = None
     if isinstance(source, (str, os.PathLike)):
@@ -247,21 +251,44 @@ def load_dataset_for_training(
         name = f"<{type(source).__name__}>"
     raw = load_rows(source)
     rows, summary = _normalize(raw, cols, schema, name, on_error, base_dir, "bytes")
+    return _to_dataset(rows, name), summary
 
-    ds = datasets.Dataset.from_list(rows)
-    features = ds.features.copy()
+
+def _to_dataset(rows: list[dict], source_name: str) -> Any:
+    """Normalised rows (images as {"bytes", "path"}) -> Dataset with an `images` column of RGB Image features.
+
+    Built from an arrow table with a random fingerprint: `Dataset.from_list` + `cast` would hash every image
+    byte twice (about 3x slower on a real image set) for a cache key that in-memory datasets never use.
+    """
+    import datasets
+    import pyarrow as pa
+    from datasets.fingerprint import generate_random_fingerprint
+
+    try:
+        table = pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        for key in rows[0]:
+            try:
+                pa.array([row[key] for row in rows])
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                raise DataError(f"column {key!r} of {source_name} mixes value types across rows ({e})") from None
+        raise
+    features = datasets.Features.from_arrow_schema(table.schema)
     if "images" in features:
         features["images"] = datasets.List(datasets.Image(mode="RGB"))
     for col in ("answer", "solution"):
         features[col] = datasets.Value("string")  # an all-None solution column would otherwise be typed null
-    return ds.cast(features), summary
+    table = table.cast(features.arrow_schema)
+    info = datasets.DatasetInfo(features=features)
+    return datasets.Dataset(table, info=info, fingerprint=generate_random_fingerprint())
 
 
 def _columns(columns: ColumnMap | None, overrides: dict[str, str]) -> ColumnMap:
     columns = columns or ColumnMap()
     unknown = set(overrides) - set(ColumnMap.__dataclass_fields__)
     if unknown:
-        raise TypeError(f"unknown column argument(s) {sorted(unknown)}; ColumnMap fields are {list(ColumnMap.__dataclass_fields__)}")
+        fields = list(ColumnMap.__dataclass_fields__)
+        raise TypeError(f"unknown column argument(s) {sorted(unknown)}; ColumnMap fields are {fields}")
     return replace(columns, **overrides)
 
 
@@ -317,7 +344,8 @@ def _detect_schema(rows: list[dict], columns: ColumnMap) -> str:
         if isinstance(row.get("reward_model"), dict):
             return "verl"
         prompt = row.get(columns.prompt)
-        texts = [prompt] if isinstance(prompt, str) else [m.get("content") for m in _as_list(prompt) or [] if isinstance(m, dict)]
+        messages = [prompt] if isinstance(prompt, str) else _as_list(prompt) or []
+        texts = [m if isinstance(m, str) else m.get("content") for m in messages if isinstance(m, (str, dict))]
         if any(isinstance(t, str) and PROMPT_IMAGE_TOKEN in t for t in texts):
             return "verl"
     return "trl"
