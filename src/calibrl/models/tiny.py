@@ -197,7 +197,7 @@ def build_tokenizer(
 
 
 def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
-    token_id = tokenizer.convert_tokens_to_ids(token)
+    token_id = tokenizer.get_vocab().get(token)  # not convert_tokens_to_ids: that maps unknowns to unk
     if token_id is None:
         raise ValueError(f"tokenizer has no {token!r} token")
     return token_id
