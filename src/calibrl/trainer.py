@@ -1,0 +1,512 @@
+"""`CalibRLConfig` and `CalibRLTrainer`: CalibRL and its baselines as a drop-in for TRL's GRPO trainer.
+
+Where we hook into TRL 1.16.0 (pinned; every hook below has a contract test in tests/test_trl_contract.py):
+  _calculate_rewards              capture the (N, n_funcs) reward matrix: the pass sign comes from the accuracy
+                                  component, not from a threshold on the total reward (METHOD.md §5.4).
+  _generate_single_turn           LUFFY / RL-PLUS: put the expert's tokens into the last slot of its group.
+  _generate_and_score_completions add per-row tensors: pass sign, expert flag, and (CalibRL) the expert's
+                                  per-token log-probs under the pre-update policy, from one no-grad forward per
+                                  group in the expert's own context (prompt + images + expert tokens + EOS).
+  _compute_loss                   the loss: PPO-clip on on-policy rows + λ·L_exp (CalibRL) or the expert-token
+                                  loss (LUFFY, RL-PLUS), with each part logged separately.
+  _tokenize_prompts, _get_per_token_logps_and_entropies   reused as they are.
+
+The pure math lives in `calibrl.losses`; this file only moves tensors to it and logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+from trl.data_utils import is_conversational, prepare_multimodal_messages
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import pad
+
+from calibrl import losses
+
+METHODS = ("calibrl", "grpo", "dapo", "luffy", "rlplus")
+EXPERT_SLOT_METHODS = ("luffy", "rlplus")  # the expert occupies one slot of its group
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+PASS_SIGNS = ("accuracy", "reward_threshold")
+# Placeholder strings that must never reach expert token ids (they break Qwen's rope index).
+IMAGE_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<image>")
+
+
+@dataclass
+class CalibRLConfig(GRPOConfig):
+    """`GRPOConfig` plus the CalibRL fields. Every GRPOConfig field works as in TRL.
+
+    Defaults follow the official code (METHOD.md §4): token-level gap, mean-centred advantages
+    (`scale_rewards="none"`), λ = 0.1, α = 0.5. TRL's `delta` is the dual clip c (official: 3.0); TRL's
+    `loss_type="dapo"` (its default) is the official token-mean aggregation.
+    """
+
+    method: str = field(default="calibrl", metadata={"help": f"One of {METHODS}. 'dapo' = GRPO with clip-higher "
+                        "(epsilon_high 0.28 unless set), token-mean and z-scored advantages."})
+    expert_column: str = field(default="solution", metadata={"help": "Dataset column holding the expert solution."})
+    guide_coef: float = field(default=0.1, metadata={"help": "λ: weight of the calibrated guidance term L_exp."})
+    leaky_slope: float = field(default=0.5, metadata={"help": "α: LeakyReLU slope for negative inputs."})
+    gap: str = field(default="token", metadata={"help": f"Log-likelihood gap: one of {losses.GAP_MODES}. 'token' is "
+                     "the official code, 'sequence' the paper, 'constant' a control without expert content."})
+    constant_logp: float | None = field(default=None, metadata={"help": "Per-token baseline for gap='constant'; "
+                                        "None = the batch mean of the expert's per-token log-probs."})
+    weight_by_abs_adv: bool = field(default=True, metadata={"help": "Weight L_exp by |A| (group rareness)."})
+    pass_sign: str = field(default="accuracy", metadata={"help": "How s_i is derived: 'accuracy' (the accuracy "
+                           "reward component > 0.5) or 'reward_threshold' (total reward > pass_threshold, the "
+                           "official code)."})
+    accuracy_reward_name: str | None = field(default=None, metadata={"help": "Name of the accuracy reward function;"
+                                             " None = the first whose name contains 'accuracy'."})
+    pass_threshold: float = field(default=0.1, metadata={"help": "Threshold for pass_sign='reward_threshold'."})
+    grpo_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of plain GRPO before any expert "
+                                   "guidance (the expert is then neither forwarded nor in the loss)."})
+    luffy_gamma: float = field(default=0.1, metadata={"help": "γ of LUFFY's policy shaping f(p) = p/(p+γ)."})
+    expert_in_group_stats: bool = field(default=False, metadata={"help": "LUFFY/RL-PLUS: include the expert row in "
+                                        "the group mean/std (original LUFFY) instead of on-policy rows only."})
+    onpolicy_clip: bool = field(default=True, metadata={"help": "LUFFY/RL-PLUS: PPO-clip the on-policy rows "
+                                "(CalibRL's baseline) or not (original LUFFY)."})
+    scale_rewards: str = field(default="none", metadata={"help": "Advantage normalisation: 'none' (official "
+                               "scripts, mean-centred), 'group' (paper, z-score) or 'batch'. 'dapo' forces 'group'."})
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "dapo":
+            self.epsilon_high = 0.28 if self.epsilon_high is None else self.epsilon_high
+            self.loss_type = "dapo"
+            self.scale_rewards = "group"
+        super().__post_init__()
+        if self.gap not in losses.GAP_MODES:
+            raise ValueError(f"gap must be one of {losses.GAP_MODES}, got {self.gap!r}")
+        if self.pass_sign not in PASS_SIGNS:
+            raise ValueError(f"pass_sign must be one of {PASS_SIGNS}, got {self.pass_sign!r}")
+        if self.loss_type not in SUPPORTED_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {SUPPORTED_LOSS_TYPES} for CalibRLTrainer, got {self.loss_type!r}")
+        if self.guide_coef < 0:
+            raise ValueError(f"guide_coef must be >= 0, got {self.guide_coef}")
+        if not 0.0 <= self.leaky_slope <= 1.0:
+            raise ValueError(f"leaky_slope must be in [0, 1], got {self.leaky_slope}")
+        if self.grpo_warmup_steps < 0:
+            raise ValueError(f"grpo_warmup_steps must be >= 0, got {self.grpo_warmup_steps}")
+        if self.luffy_gamma <= 0:
+            raise ValueError(f"luffy_gamma must be > 0, got {self.luffy_gamma}")
+        if self.delta is not None and self.delta <= 1.0:
+            raise ValueError(f"delta (the dual clip c) must be > 1, got {self.delta}")
+        if self.method in EXPERT_SLOT_METHODS and self.num_generations < 2:
+            raise ValueError(f"method={self.method!r} needs num_generations >= 2 (one slot holds the expert)")
+        if self.uses_expert and (self.per_device_train_batch_size * self.steps_per_generation) % self.num_generations:
+            # Groups must not span processes: the expert of a group is looked up on the process that holds it.
+            raise ValueError(
+                f"per_device_train_batch_size * steps_per_generation ({self.per_device_train_batch_size} * "
+                f"{self.steps_per_generation}) must be a multiple of num_generations ({self.num_generations}) "
+                f"for method={self.method!r}, so that every group stays within one process"
+            )
+
+    @property
+    def uses_expert(self) -> bool:
+        return self.method in ("calibrl",) + EXPERT_SLOT_METHODS
+
+
+class CalibRLTrainer(GRPOTrainer):
+    """`GRPOTrainer` with an expert trajectory per prompt, used as a calibration baseline (CalibRL) or as an
+    off-policy sample (LUFFY, RL-PLUS). Takes exactly GRPOTrainer's arguments; `args` is a `CalibRLConfig`.
+
+    The dataset needs the usual `prompt` (and `image`/`images`) plus an expert column (`solution` by
+    default; a row without one trains as plain GRPO and is counted). Every method takes the same number of
+    optimizer steps for the same data and batch settings: the expert never adds rows to the batch.
+    """
+
+    def __init__(self, *args, **kwargs):
+        cfg = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
+        if cfg is not None and not isinstance(cfg, CalibRLConfig):
+            raise TypeError(f"CalibRLTrainer needs args=CalibRLConfig(...), got {type(cfg).__name__}")
+        super().__init__(*args, **kwargs)
+        a = self.args
+        if a.use_liger_kernel:
+            raise ValueError("use_liger_kernel bypasses CalibRLTrainer's loss; set use_liger_kernel=False")
+        if self.top_entropy_quantile < 1.0 or self.off_policy_mask_threshold is not None or self.use_adaptive_entropy:
+            raise ValueError("top_entropy_quantile, off_policy_mask_threshold and use_adaptive_entropy are not "
+                             "supported by CalibRLTrainer")
+        if a.uses_expert and (self.tools or self.rollout_func is not None or self.environment_factories is not None):
+            raise ValueError(f"method={a.method!r} does not support tools, rollout_func or environment_factory")
+        self._accuracy_index = self._resolve_accuracy_index()
+        self._last_rewards_per_func: torch.Tensor | None = None
+        self._expert_slots: list[list[int] | None] | None = None  # per local row: expert ids to put in the slot
+        self._vision_token_ids = {
+            tid for tid in (self._tokenizer.convert_tokens_to_ids(t) for t in IMAGE_PLACEHOLDERS)
+            if isinstance(tid, int) and tid != self._tokenizer.unk_token_id and tid is not None
+        }
+
+    # ------------------------------------------------------------------------------------------------------
+    # Setup helpers
+    # ------------------------------------------------------------------------------------------------------
+    def _resolve_accuracy_index(self) -> int | None:
+        a = self.args
+        names = list(self.reward_func_names)
+        if a.accuracy_reward_name is not None:
+            if a.accuracy_reward_name not in names:
+                raise ValueError(f"accuracy_reward_name={a.accuracy_reward_name!r} is not among the reward "
+                                 f"functions {names}")
+            return names.index(a.accuracy_reward_name)
+        for i, n in enumerate(names):
+            if "accuracy" in n:
+                return i
+        if a.method == "calibrl" and a.pass_sign == "accuracy":
+            raise ValueError(
+                f"pass_sign='accuracy' needs an accuracy reward function (names {names} contain no 'accuracy'): "
+                "pass accuracy_reward_name=..., or pass_sign='reward_threshold'"
+            )
+        return None
+
+    def guidance_active(self) -> bool:
+        """True when the expert takes part in this step (after the GRPO warm-up, in training)."""
+        return self.args.uses_expert and self.model.training and self.state.global_step >= self.args.grpo_warmup_steps
+
+    def _log(self, name: str, value: float | torch.Tensor, count: float = 1.0) -> None:
+        """Log a metric averaged over processes, weighted by `count` (e.g. the number of tokens it covers)."""
+        mode = "train" if self.model.training else "eval"
+        dev = self.accelerator.device
+        v = torch.as_tensor(value, dtype=torch.float32, device=dev).detach()
+        stats = torch.stack([v * count, torch.tensor(float(count), device=dev)])
+        total = self.accelerator.reduce(stats, reduction="sum")
+        if total[1] > 0:
+            self._metrics[mode][name].append((total[0] / total[1]).item())
+
+    # ------------------------------------------------------------------------------------------------------
+    # Expert tokens
+    # ------------------------------------------------------------------------------------------------------
+    def expert_token_ids(self, text: Any) -> tuple[list[int] | None, bool, bool]:
+        """The expert's completion ids: placeholders stripped, truncated to leave room for EOS, EOS appended.
+
+        Returns (ids or None when there is no expert, truncated, placeholders_stripped). A list takes its first
+        item and a dict its `content`, as the official data does.
+        """
+        if isinstance(text, (list, tuple)):
+            text = text[0] if text else None
+        if isinstance(text, dict):
+            text = text.get("content")
+        if not isinstance(text, str) or not text.strip():
+            return None, False, False
+        stripped = False
+        for ph in IMAGE_PLACEHOLDERS:
+            if ph in text:
+                text, stripped = text.replace(ph, ""), True
+        ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
+        kept = [t for t in ids if t not in self._vision_token_ids]
+        stripped = stripped or len(kept) != len(ids)
+        limit = self.max_completion_length - 1  # room for EOS inside the limit (fixes METHOD.md §5.8)
+        truncated = len(kept) > limit
+        return kept[:limit] + [self.eos_token_ids[0]], truncated, stripped
+
+    def _expert_plan(self, inputs: list[dict]) -> tuple[list[list[int] | None], dict[str, float]]:
+        """Expert ids for the first row of each local group (None where missing) and their counts."""
+        G = self.num_generations
+        if len(inputs) % G:
+            raise RuntimeError(f"local batch of {len(inputs)} rows is not a whole number of groups of {G}")
+        plan, counts = [], {"missing": 0.0, "truncated": 0.0, "stripped": 0.0}
+        for g in range(len(inputs) // G):
+            first = inputs[g * G]
+            for j in range(1, G):  # groups must be contiguous copies of one prompt
+                if inputs[g * G + j].get("prompt") != first.get("prompt"):
+                    raise RuntimeError(f"group {g} mixes prompts: rows are not contiguous groups of {G}")
+            ids, truncated, stripped = self.expert_token_ids(first.get(self.args.expert_column))
+            plan.append(ids)
+            counts["missing"] += ids is None
+            counts["truncated"] += truncated
+            counts["stripped"] += stripped
+        return plan, counts
+
+    # ------------------------------------------------------------------------------------------------------
+    # Hooks into GRPOTrainer
+    # ------------------------------------------------------------------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
+        completion_ids, logprobs = super()._generate_single_turn(
+            prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+        )
+        if self._expert_slots is not None:  # LUFFY / RL-PLUS: the expert takes the last slot of its group
+            completion_ids = list(completion_ids)
+            if logprobs is not None:
+                logprobs = list(logprobs)
+            for i, ids in enumerate(self._expert_slots):
+                if ids is not None:
+                    completion_ids[i] = list(ids)
+                    if logprobs is not None:  # no sampling log-probs: NaN makes vLLM's IS ratio exactly 1
+                        logprobs[i] = [float("nan")] * len(ids)
+        return completion_ids, logprobs
+
+    def _generate_and_score_completions(self, inputs):
+        a = self.args
+        G = self.num_generations
+        active = self.guidance_active()
+        plan, counts = self._expert_plan(inputs) if active else (None, None)
+        slot_method = a.method in EXPERT_SLOT_METHODS
+        if active and slot_method:
+            self._expert_slots = [None] * len(inputs)
+            for g, ids in enumerate(plan):
+                if ids is not None:
+                    self._expert_slots[g * G + G - 1] = ids
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._expert_slots_used, self._expert_slots = self._expert_slots, None
+        device = self.accelerator.device
+        B = len(inputs)
+        n_proc = self.accelerator.process_index
+        local = slice(n_proc * B, (n_proc + 1) * B)
+
+        # --- pass sign s_i (METHOD.md §2): from the accuracy component, else the total-reward threshold ---
+        rpf = self._last_rewards_per_func  # (N_global, n_funcs), gathered across processes
+        total = (rpf * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
+        total[torch.isnan(rpf).all(dim=1)] = torch.nan
+        if a.pass_sign == "accuracy" and self._accuracy_index is not None:
+            acc = rpf[:, self._accuracy_index]
+            sign_all = torch.where(acc > 0.5, 1.0, -1.0)
+            sign_all[torch.isnan(acc)] = 0.0
+        else:
+            sign_all = torch.where(total > a.pass_threshold, 1.0, -1.0)
+            sign_all[torch.isnan(total)] = 0.0
+
+        is_expert = torch.zeros(B, dtype=torch.bool, device=device)
+        if active and slot_method:
+            is_expert = torch.tensor([ids is not None for ids in self._expert_slots_used], device=device)
+        is_expert_all = self.accelerator.gather(is_expert)
+
+        # --- group statistics for logging (on-policy rows only) ---
+        if self.model.training:
+            onp = ~is_expert_all.view(-1, G)
+            acc_groups = sign_all.view(-1, G) > 0
+            r = total.view(-1, G)
+            counted = onp & ~torch.isnan(r)
+            hi = torch.where(counted, r, -torch.inf).amax(1)
+            lo = torch.where(counted, r, torch.inf).amin(1)
+            self._metrics["train"]["calibrl/frac_zero_var_groups"].append(((hi - lo) <= 0).float().mean().item())
+            self._metrics["train"]["calibrl/frac_all_wrong_groups"].append(
+                (~(acc_groups & onp).any(1)).float().mean().item())
+            self._metrics["train"]["calibrl/frac_all_right_groups"].append(
+                ((acc_groups | ~onp).all(1)).float().mean().item())
+            self._metrics["train"]["calibrl/pass_rate"].append(
+                ((sign_all > 0) & ~is_expert_all).float().sum().item() / max(1, int((~is_expert_all).sum())))
+            self._metrics["train"]["calibrl/guidance_active"].append(float(active))
+
+        # --- LUFFY / RL-PLUS: advantages with the expert in or out of the group statistics ---
+        if active and slot_method:
+            adv_all = losses.group_advantages(
+                total, G, normalize=a.scale_rewards,
+                in_stats=None if a.expert_in_group_stats else ~is_expert_all,
+            )
+            output["advantages"] = adv_all[local]
+        output["pass_sign"] = sign_all[local].to(torch.float32)
+        output["is_expert"] = is_expert.long()
+
+        if active:
+            for k, v in counts.items():
+                self._log(f"calibrl/expert_{k}", v / max(1, len(plan)), count=len(plan))
+        if active and a.method == "calibrl":
+            self._add_expert_logps(inputs, plan, output)
+        return output
+
+    @torch.no_grad()
+    def _expert_forward(self, inputs: list[dict], rows: list[int], expert_ids: list[list[int]]):
+        """Per-token log-probs and entropies of each expert under the current (pre-update) policy, in the
+        expert's own context: the row's prompt and images, then the expert tokens. One no-grad forward."""
+        device = self.accelerator.device
+        prompts = []
+        for r in rows:
+            x = inputs[r]
+            images = x.get("images") if "images" in x else ([x["image"]] if x.get("image") is not None else None)
+            p = x["prompt"]
+            if images and is_conversational(x):
+                p = prepare_multimodal_messages(p, images=images)
+            prompts.append(p)
+        prompt_ids, _, mm = self._tokenize_prompts(prompts)
+        p_ids = pad([torch.tensor(i) for i in prompt_ids], padding_value=self._tokenizer.pad_token_id,
+                    padding_side="left").to(device)
+        p_mask = pad([torch.ones(len(i), dtype=torch.long) for i in prompt_ids], padding_value=0,
+                     padding_side="left").to(device)
+        e_ids = pad([torch.tensor(i) for i in expert_ids], padding_value=self._tokenizer.pad_token_id,
+                    padding_side="right").to(device)
+        e_mask = pad([torch.ones(len(i), dtype=torch.long) for i in expert_ids], padding_value=0,
+                     padding_side="right").to(device)
+        fwd = {}
+        for k, v in mm.items():
+            if isinstance(v, torch.Tensor):
+                fwd[k] = v.to(device)
+            elif isinstance(v, list) and v and isinstance(v[0], (list, torch.Tensor)):  # per-token field
+                t = pad([torch.as_tensor(x) for x in v], padding_value=0, padding_side="left").to(device)
+                fwd[k] = t
+            else:
+                fwd[k] = torch.as_tensor(v).to(device)
+        for k in ("token_type_ids", "mm_token_type_ids"):  # extend per-token fields over the expert part
+            if k in fwd:
+                fwd[k] = torch.cat([fwd[k], fwd[k].new_zeros(e_ids.shape)], dim=1)
+        num_images = None
+        if "pixel_values" in fwd:
+            num_images = []
+            for r in rows:
+                x = inputs[r]
+                imgs = x.get("images") if "images" in x else ([x["image"]] if x.get("image") is not None else [])
+                num_images.append(len(imgs or []))
+        allowed = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                   "token_type_ids", "mm_token_type_ids", "image_position_ids")
+        fwd = {k: v for k, v in fwd.items() if k in allowed}
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            logps, entropies, _ = self._get_per_token_logps_and_entropies(
+                self.model, torch.cat([p_ids, e_ids], 1), torch.cat([p_mask, e_mask], 1), e_ids.size(1),
+                batch_size=self.args.per_device_train_batch_size, compute_entropy=True, num_images=num_images, **fwd,
+            )
+        return logps.float(), entropies.float(), e_mask
+
+    def _add_expert_logps(self, inputs, plan, output) -> None:
+        G = self.num_generations
+        device = self.accelerator.device
+        groups = [g for g, ids in enumerate(plan) if ids is not None]
+        B = len(inputs)
+        has_expert = torch.zeros(B, device=device)
+        if groups:
+            logps, ent, e_mask = self._expert_forward(inputs, [g * G for g in groups], [plan[g] for g in groups])
+            T_e = logps.size(1)
+            e_logps = torch.zeros(B, T_e, device=device)
+            e_m = torch.zeros(B, T_e, dtype=torch.long, device=device)
+            for k, g in enumerate(groups):
+                e_logps[g * G:(g + 1) * G] = logps[k]
+                e_m[g * G:(g + 1) * G] = e_mask[k]
+                has_expert[g * G:(g + 1) * G] = 1.0
+            n_tok = float(e_mask.sum())
+            ent_mean, const = losses.masked_mean(ent, e_mask), losses.masked_mean(logps, e_mask)
+        else:
+            e_logps = torch.zeros(B, 1, device=device)
+            e_m = torch.zeros(B, 1, dtype=torch.long, device=device)
+            n_tok, ent_mean, const = 0.0, torch.zeros((), device=device), torch.zeros((), device=device)
+        # Logged on every process, even one with no expert, since _log reduces across processes.
+        self._log("calibrl/expert_entropy", ent_mean, count=n_tok)
+        self._log("calibrl/expert_logp_mean", const, count=n_tok)
+        output["expert_logps"] = e_logps
+        output["expert_mask"] = e_m
+        output["has_expert"] = has_expert
+        c = const if self.args.constant_logp is None else torch.tensor(float(self.args.constant_logp))
+        output["expert_constant"] = torch.full((B,), float(c), device=device)
+
+    # ------------------------------------------------------------------------------------------------------
+    # The loss
+    # ------------------------------------------------------------------------------------------------------
+    def _aggregate(self, per_token: torch.Tensor, mask: torch.Tensor, inputs) -> torch.Tensor:
+        """TRL's loss_type normalisation, through `losses.aggregate` (so method=grpo reproduces GRPOTrainer)."""
+        train = self.model.training
+        ga = self.current_gradient_accumulation_steps if train else 1.0
+        if self.loss_type == "grpo":
+            return losses.aggregate(per_token, mask, "seq-mean-token-mean") / ga
+        if self.loss_type == "bnpo":
+            return losses.aggregate(per_token, mask, "token-mean") / ga
+        if self.loss_type == "dr_grpo":
+            return losses.aggregate(per_token, mask, "seq-mean-token-sum-norm", max_len=self.max_completion_length) / ga
+        # dapo: token-mean over the whole accumulated generation batch
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if train:
+            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return losses.aggregate(per_token, mask, "token-mean", normalizer=normalizer)
+
+    def _compute_loss(self, model, inputs):
+        a = self.args
+        train = self.model.training
+        mode = "train" if train else "eval"
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{k: inputs.get(k) for k in ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
+                                          "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
+                                          "mm_token_type_ids", "image_position_ids")},
+        )
+        adv = inputs["advantages"]
+        adv = adv.squeeze(-1) if adv.dim() == 2 and adv.size(1) == 1 else adv
+        old = inputs.get("old_per_token_logps")
+        old = logps.detach() if old is None else old
+        B = logps.size(0)
+        is_expert = inputs.get("is_expert", torch.zeros(B, device=logps.device)).bool()
+        onp_mask = mask * (~is_expert).unsqueeze(1).to(mask.dtype)
+        exp_mask = mask * is_expert.unsqueeze(1).to(mask.dtype)
+
+        # J_GRPO: the clipped surrogate on on-policy rows (importance ratio per token or per sequence)
+        if self.importance_sampling_level == "sequence":
+            lw = ((logps - old) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+            pg, info = losses.ppo_clip_loss(lw, torch.zeros_like(lw), adv, self.epsilon_low, self.epsilon_high, a.delta)
+            pg = pg.expand_as(logps)
+        else:
+            pg, info = losses.ppo_clip_loss(logps, old, adv, self.epsilon_low, self.epsilon_high, a.delta)
+        if a.method in EXPERT_SLOT_METHODS and not a.onpolicy_clip:
+            ratio = torch.exp(logps - old)
+            pg = -ratio * adv.unsqueeze(1)
+        per_token = pg
+        if is_expert.any():  # LUFFY / RL-PLUS expert rows: their own loss, no ratio to π_old, no clip
+            if a.method == "luffy":
+                e_loss = losses.luffy_expert_loss(logps, adv, a.luffy_gamma)
+            else:
+                e_loss = losses.rlplus_expert_loss(logps, old, adv)
+            per_token = torch.where(is_expert.unsqueeze(1), e_loss, pg)
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            per_token = per_token * inputs["importance_sampling_ratio"]
+        if self.beta != 0.0:
+            ref = inputs["ref_per_token_logps"]
+            kl = torch.exp(ref - logps) - (ref - logps) - 1
+            if a.use_bias_correction_kl:
+                kl = kl * torch.exp(logps - old)
+            per_token = per_token + self.beta * kl
+        loss = self._aggregate(per_token, mask, inputs)
+        pg_loss = loss.detach()
+
+        # λ · L_exp: the calibrated guidance term (CalibRL only, after the warm-up)
+        guide = torch.zeros((), device=logps.device)
+        if a.method == "calibrl" and "expert_logps" in inputs and a.guide_coef > 0:
+            sign = inputs["pass_sign"] * inputs["has_expert"]
+            gap = losses.calibration_gap(logps, mask, inputs["expert_logps"], inputs["expert_mask"], a.gap,
+                                         constant=inputs["expert_constant"][0])
+            g, full = losses.guidance_loss(gap, adv, sign, a.leaky_slope, a.weight_by_abs_adv)
+            if gap.dim() == 2:  # token-level gaps: the same aggregation as the policy-gradient term
+                guide = self._aggregate(g, onp_mask, inputs)
+                live = onp_mask * (sign != 0).unsqueeze(1).to(mask.dtype)
+                n = float(live.sum())
+                self._log("calibrl/frac_full_slope", losses.masked_mean(full.float(), live), count=n)
+                self._log("calibrl/gap_mean", losses.masked_mean(gap.detach(), live), count=n)
+            else:  # sequence-level gaps: a mean over sequences
+                ga = self.current_gradient_accumulation_steps if train else 1.0
+                guide = g.sum() / (B * ga)
+                live = (sign != 0).float()
+                n = float(live.sum())
+                self._log("calibrl/frac_full_slope", (full.float() * live).sum() / max(n, 1.0), count=n)
+                self._log("calibrl/gap_mean", (gap.detach() * live).sum() / max(n, 1.0), count=n)
+            loss = loss + a.guide_coef * guide
+
+        if self._entropy_bonus_enabled:  # TRL's static entropy bonus, on on-policy tokens
+            ga = self.current_gradient_accumulation_steps if train else 1.0
+            loss = loss - self.entropy_coef * losses.masked_mean(entropies, onp_mask) / ga
+        if self.aux_loss_enabled:
+            ga = self.current_gradient_accumulation_steps if train else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / ga
+
+        # Logs: each part of the loss, and entropy on on-policy tokens only (expert tokens are off-policy text)
+        ga = self.current_gradient_accumulation_steps if train else 1.0
+        self._log("calibrl/pg_loss", pg_loss * ga)
+        self._log("calibrl/guide_loss", guide.detach() * ga)
+        n_on = float(onp_mask.sum())
+        self._log("entropy", losses.masked_mean(entropies.detach(), onp_mask), count=n_on)
+        if a.method in EXPERT_SLOT_METHODS:  # same calls on every process: _log reduces across them
+            self._log("calibrl/expert_entropy", losses.masked_mean(entropies.detach(), exp_mask),
+                      count=float(exp_mask.sum()))
+        low, high = info["low_clipped"].expand_as(logps).float(), info["high_clipped"].expand_as(logps).float()
+        self._log("clip_ratio/low_mean", losses.masked_mean(low, onp_mask), count=n_on)
+        self._log("clip_ratio/high_mean", losses.masked_mean(high, onp_mask), count=n_on)
+        self._log("clip_ratio/region_mean", losses.masked_mean(torch.maximum(low, high), onp_mask), count=n_on)
+        if self.beta != 0.0:
+            self._log("kl", losses.masked_mean(kl.detach(), mask), count=float(mask.sum()))
+        return loss
