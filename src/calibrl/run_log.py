@@ -190,13 +190,22 @@ class MetricsLogger(TrainerCallback):
         write_run_info(self.run_dir, wall_time_s=wall, global_step=int(state.global_step), final_metrics=self._last)
 
 
+def _is_sharded(model) -> bool:
+    """Whether parameters live sharded across processes (DeepSpeed ZeRO-3, FSDP 1 or 2): then generating on
+    one process would wait forever for the others to gather the weights."""
+    if any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in model.parameters()):
+        return True
+    modules = model.modules() if hasattr(model, "modules") else []
+    return any("FullyShardedDataParallel" in type(m).__name__ for m in modules)
+
+
 class HeldoutEvalCallback(TrainerCallback):
     """Greedy held-out evaluation at the start, every `every_n_steps` optimizer steps and at the end.
 
     Each evaluation appends one line per eval set to `run_dir/eval.jsonl` (the set's name is the `split`
     field). It runs on process 0 only, on the `model` the Trainer passes to callbacks, and calls no
-    collective ops. A DeepSpeed ZeRO-3 model (parameters sharded across processes) cannot generate on one
-    process alone: evaluation is then skipped with a warning rather than hanging the run.
+    collective ops. A model whose parameters are sharded across processes (DeepSpeed ZeRO-3, FSDP) cannot
+    generate on one process alone: evaluation is then skipped with a warning rather than hanging the run.
     """
 
     def __init__(
@@ -248,11 +257,13 @@ class HeldoutEvalCallback(TrainerCallback):
             return
         if model is None:
             raise ValueError("HeldoutEvalCallback: the Trainer passed no `model` to the callback")
-        if any(hasattr(p, "ds_id") for p in model.parameters()):
+        if _is_sharded(model):
             if not self._warned:
                 import warnings
 
-                warnings.warn("HeldoutEvalCallback: ZeRO-3 sharded model, held-out evaluation skipped", stacklevel=2)
+                warnings.warn("HeldoutEvalCallback: the model's parameters are sharded across processes (ZeRO-3 "
+                              "or FSDP), so process 0 cannot generate alone: held-out evaluation skipped",
+                              stacklevel=2)
                 self._warned = True
             return
         self.evaluate_now(model, state.global_step)
