@@ -39,6 +39,15 @@ def test_hook_signatures(name, params):
     assert list(inspect.signature(getattr(GRPOTrainer, name)).parameters) == params
 
 
+def test_transformers_trainer_hooks():
+    """We override Trainer._load_from_checkpoint (strict resume) and create_optimizer (non-finite step guard)."""
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._load_from_checkpoint).parameters) == ["self", "resume_from_checkpoint", "model"]
+    assert list(inspect.signature(Trainer.create_optimizer).parameters) == ["self", "model"]
+    assert "self._load_from_checkpoint(resume_from_checkpoint" in inspect.getsource(Trainer.train)
+
+
 def test_helper_imports_exist():
     from trl.data_utils import is_conversational, prepare_multimodal_messages  # noqa: F401
     from trl.models.utils import disable_gradient_checkpointing  # noqa: F401

@@ -16,6 +16,9 @@ The pure math lives in `calibrl.losses`; this file only moves tensors to it and 
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +29,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import pad
 
 from calibrl import losses
+from calibrl.reward_guard import FAULT_KINDS, GuardedReward, RewardFaults
 
 METHODS = ("calibrl", "grpo", "dapo", "luffy", "rlplus")
 EXPERT_SLOT_METHODS = ("luffy", "rlplus")  # the expert occupies one slot of its group
@@ -67,6 +71,10 @@ class CalibRLConfig(GRPOConfig):
                                         "the group mean/std (original LUFFY) instead of on-policy rows only."})
     onpolicy_clip: bool = field(default=True, metadata={"help": "LUFFY/RL-PLUS: PPO-clip the on-policy rows "
                                 "(CalibRL's baseline) or not (original LUFFY)."})
+    guard_rewards: bool = field(default=True, metadata={"help": "Wrap plain reward functions so that one that "
+                                "raises, returns NaN/inf or hangs costs that sample (scored 0, counted), not the run."})
+    reward_timeout: float | None = field(default=60.0, metadata={"help": "Seconds before a reward call is cut "
+                                         "(guard_rewards); None = no limit."})
     scale_rewards: str = field(default="none", metadata={"help": "Advantage normalisation: 'none' (official "
                                "scripts, mean-centred), 'group' (paper, z-score) or 'batch'. 'dapo' forces 'group'."})
 
@@ -118,11 +126,22 @@ class CalibRLTrainer(GRPOTrainer):
     optimizer steps for the same data and batch settings: the expert never adds rows to the batch.
     """
 
-    def __init__(self, *args, **kwargs):
-        cfg = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
-        if cfg is not None and not isinstance(cfg, CalibRLConfig):
-            raise TypeError(f"CalibRLTrainer needs args=CalibRLConfig(...), got {type(cfg).__name__}")
-        super().__init__(*args, **kwargs)
+    def __init__(self, model, reward_funcs=None, args=None, *rest, **kwargs):
+        if not isinstance(args, CalibRLConfig):
+            raise TypeError(f"CalibRLTrainer needs args=CalibRLConfig(...), got {type(args).__name__}")
+        if args.use_vllm and importlib.util.find_spec("vllm") is None:
+            raise ImportError("use_vllm=True but vLLM is not installed: install it on a CUDA machine "
+                              "(pip install 'calibrl[vllm]') or set use_vllm=False")
+        self.reward_faults = RewardFaults()
+        if args.guard_rewards and reward_funcs is not None:
+            funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+            reward_funcs = [
+                GuardedReward(f, args.reward_timeout, self.reward_faults)
+                if callable(f) and not isinstance(f, torch.nn.Module) and not inspect.iscoroutinefunction(f) else f
+                for f in funcs
+            ]
+        self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients
+        super().__init__(model, reward_funcs, args, *rest, **kwargs)
         a = self.args
         if a.use_liger_kernel:
             raise ValueError("use_liger_kernel bypasses CalibRLTrainer's loss; set use_liger_kernel=False")
@@ -163,6 +182,58 @@ class CalibRLTrainer(GRPOTrainer):
     def guidance_active(self) -> bool:
         """True when the expert takes part in this step (after the GRPO warm-up, in training)."""
         return self.args.uses_expert and self.model.training and self.state.global_step >= self.args.grpo_warmup_steps
+
+    def create_optimizer(self, *args, **kwargs):
+        """TRL's optimizer, with a step that refuses non-finite gradients: a NaN or infinite loss (or gradient)
+        skips the whole optimizer step, so it never reaches the weights or Adam's moments; the skip is counted.
+        Gradients are checked after they are reduced across processes, so every process skips together."""
+        opt = super().create_optimizer(*args, **kwargs)
+        if not getattr(opt, "_calibrl_guarded", False):
+            step = opt.step
+
+            def guarded_step(*a, **k):
+                grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+                if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
+                    self.skipped_steps += 1
+                    opt.zero_grad(set_to_none=True)
+                    return None
+                return step(*a, **k)
+
+            opt.step = guarded_step
+            opt._calibrl_guarded = True
+        return opt
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume the weights through `from_pretrained`, strictly.
+
+        transformers 5.x saves some models (Qwen2.5-VL among them) under their original checkpoint key names,
+        while `Trainer._load_from_checkpoint` feeds the file to `load_state_dict(strict=False)`: no key
+        matches, nothing is loaded, and the run silently "resumes" from the initial weights. For a plain model
+        we reload through the class's own key conversion and load strictly; PEFT, DeepSpeed and FSDP keep
+        their own paths.
+        """
+        model = self.model if model is None else model
+        plain = (not self.is_deepspeed_enabled and not self.is_fsdp_enabled and not hasattr(model, "peft_config")
+                 and hasattr(type(model), "from_pretrained"))
+        if not plain or not os.path.isfile(os.path.join(resume_from_checkpoint, "model.safetensors")):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        dtype = next(model.parameters()).dtype
+        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype)
+        result = model.load_state_dict(saved.state_dict(), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise RuntimeError(f"checkpoint {resume_from_checkpoint} does not match the model: missing "
+                               f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: optimizer steps skipped so far for non-finite gradients
+            logs["calibrl/skipped_steps"] = float(self.skipped_steps)
+        super().log(logs, start_time)
+
+    def _log_sum(self, name: str, value: float) -> None:
+        """Log a count summed over processes."""
+        mode = "train" if self.model.training else "eval"
+        total = self.accelerator.reduce(torch.tensor(float(value), device=self.accelerator.device), reduction="sum")
+        self._metrics[mode][name].append(total.item())
 
     def _log(self, name: str, value: float | torch.Tensor, count: float = 1.0) -> None:
         """Log a metric averaged over processes, weighted by `count` (e.g. the number of tokens it covers)."""
@@ -294,6 +365,10 @@ class CalibRLTrainer(GRPOTrainer):
             self._metrics["train"]["calibrl/pass_rate"].append(
                 ((sign_all > 0) & ~is_expert_all).float().sum().item() / max(1, int((~is_expert_all).sum())))
             self._metrics["train"]["calibrl/guidance_active"].append(float(active))
+
+        faults = self.reward_faults.take()  # guarded reward functions: faults in this batch, per kind
+        for kind in FAULT_KINDS:
+            self._log_sum(f"calibrl/reward_{kind}", faults[kind])
 
         # --- LUFFY / RL-PLUS: advantages with the expert in or out of the group statistics ---
         if active and slot_method:
