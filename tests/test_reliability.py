@@ -13,6 +13,7 @@ from calibrl.models import load_tiny_model
 from calibrl.reward_guard import GuardedReward, RewardFaults
 
 from conftest import digit_rows, hash_accuracy, hash_format
+from fakes import FakeVLLM
 from test_trainer import COMMON, make_trainer, params, assert_same_params
 
 
@@ -163,29 +164,6 @@ def test_use_vllm_without_vllm_is_a_clear_error(tiny_vlm_dir, tmp_path):
     with pytest.raises(ImportError, match="vLLM is not installed"):
         CalibRLTrainer(model=model, reward_funcs=[hash_accuracy, hash_format], args=cfg,
                        train_dataset=Dataset.from_list(digit_rows(8)), processing_class=proc)
-
-
-class FakeVLLM:
-    """Follows trl.generation.vllm_generation.VLLMGeneration's interface: generate(prompts, images,
-    num_generations, profiler) -> (prompt_ids, completion_ids, logprobs[B][T][1], logprob_token_ids).
-    Like vLLM server mode, it generates once per unique prompt (every num_generations-th row) with n =
-    num_generations, and hands back one completion per row. Completions are deterministic functions of the
-    prompt and the slot, so a test can check alignment."""
-
-    def __init__(self, eos_id: int, token_ids: list[int]):
-        self.eos_id, self.tok, self.calls, self.synced = eos_id, token_ids, [], 0
-
-    def sync_weights(self):
-        self.synced += 1
-
-    def generate(self, prompts, images, num_generations, profiler=None):
-        unique = prompts[::num_generations]
-        self.calls.append((len(prompts), len(unique), num_generations))
-        t = self.tok
-        completion_ids = [[t[(len(p) + j) % 5], t[5 + j], self.eos_id] for p in unique for j in range(num_generations)]
-        prompt_ids = [p for p in unique for _ in range(num_generations)]
-        logprobs = [[[-0.5]] * len(c) for c in completion_ids]
-        return prompt_ids, completion_ids, logprobs, None
 
 
 @pytest.mark.parametrize("method", ["calibrl", "luffy"])
