@@ -51,15 +51,40 @@ hash_accuracy.__name__ = "accuracy_reward"
 hash_format.__name__ = "format_reward"
 
 
-@pytest.fixture(scope="session")
-def tiny_vlm_dir(tmp_path_factory):
-    """A nano Qwen2.5-VL saved to disk (so each test loads a fresh copy with identical weights)."""
+def _tiny_dir(tmp_path_factory, family: str) -> str:
     from calibrl.models import build_tiny_model, save_tiny_model
 
     corpus = []
     for r in digit_rows(64):
         corpus += [r["prompt"][0]["content"][1]["text"], r["solution"] or "", r["answer"]]
-    model, proc = build_tiny_model("qwen2_5_vl", "nano", corpus=corpus * 2, seed=0)
-    out = tmp_path_factory.mktemp("tiny_vlm")
+    model, proc = build_tiny_model(family, "nano", corpus=corpus * 2, seed=0)
+    out = tmp_path_factory.mktemp(f"tiny_{family}")
     save_tiny_model(model, proc, str(out))
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory):
+    """A nano Qwen2.5-VL saved to disk (so each test loads a fresh copy with identical weights)."""
+    return _tiny_dir(tmp_path_factory, "qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    return _tiny_dir(tmp_path_factory, "llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory):
+    return _tiny_dir(tmp_path_factory, "qwen2")
+
+
+def text_rows(n: int = 16) -> list[dict]:
+    """Text-only arithmetic rows in the same format, for text-only models."""
+    rows = []
+    for i in range(n):
+        a, b = i % 10, (3 * i + 1) % 10
+        sol = f"<think>{a} + {b} = {a + b}.</think><answer>{a + b}</answer>"
+        rows.append({"prompt": [{"role": "user", "content": f"What is {a} + {b}?\n" + INSTRUCTION}],
+                     "answer": str(a + b), "solution": sol})
+    return rows

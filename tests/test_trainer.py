@@ -10,7 +10,7 @@ from trl import GRPOConfig, GRPOTrainer
 from calibrl import CalibRLConfig, CalibRLTrainer
 from calibrl.models import load_tiny_model
 
-from conftest import digit_rows, hash_accuracy, hash_format
+from conftest import digit_rows, hash_accuracy, hash_format, text_rows
 
 COMMON = dict(
     use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=1, seed=0,
@@ -216,3 +216,32 @@ def test_accuracy_reward_is_required_for_the_pass_sign(tiny_vlm_dir, tmp_path):
     with pytest.raises(TypeError, match="CalibRLConfig"):
         CalibRLTrainer(model=model, reward_funcs=[hash_format], args=GRPOConfig(output_dir=str(tmp_path), **COMMON),
                        train_dataset=Dataset.from_list(digit_rows(8)), processing_class=proc)
+
+
+# ------------------------------------------------------------------ other model families, PEFT
+@pytest.mark.parametrize("family", ["llava", "qwen2"])
+def test_calibrl_trains_llava_and_text_only_models(request, tmp_path, family):
+    model_dir = request.getfixturevalue("tiny_llava_dir" if family == "llava" else "tiny_text_dir")
+    rows = digit_rows(16) if family == "llava" else text_rows(16)
+    tr = make_trainer(model_dir, tmp_path, method="calibrl", max_steps=2, max_completion_length=48, rows=rows)
+    tr.train()
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
+    assert all(h["calibrl/expert_missing"] == 0 for h in logs)
+    assert all(h["calibrl/expert_entropy"] > 0 for h in logs)
+    assert any(h["calibrl/guide_loss"] != 0 for h in logs)
+
+
+def test_calibrl_with_a_lora_adapter(tiny_vlm_dir, tmp_path):
+    from peft import LoraConfig
+
+    model, proc = load_tiny_model(tiny_vlm_dir)
+    cfg = CalibRLConfig(output_dir=str(tmp_path), max_steps=2, **COMMON)
+    tr = CalibRLTrainer(model=model, reward_funcs=[hash_accuracy, hash_format], args=cfg,
+                        train_dataset=Dataset.from_list(digit_rows(16)), processing_class=proc,
+                        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    tr.train()
+    changed = [n for n, p in tr.model.named_parameters() if not torch.equal(before[n], p.detach())]
+    assert changed and all("lora_" in n for n in changed)  # only the adapter moved
+    assert any(h.get("calibrl/guide_loss", 0) != 0 for h in tr.state.log_history)
