@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: the CPU build from the local index, never a multi-GB CUDA resolve.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[test]"
+	# DeepSpeed for tests/test_deepspeed.py (ZeRO on CPU): no compiled ops, built against the torch above.
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation deepspeed==0.19.8
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 install: $(STAMP)
