@@ -5,7 +5,9 @@ method (grpo, dapo, calibrl, luffy, rlplus) on the digits task, 4 prompts x 8 ro
 the GPU; then the same steps (fewer: `--cpu-steps`) in float32 on the CPU. Prints steps per second, peak GPU
 memory (torch.cuda.max_memory_allocated) and the GPU/CPU speed ratio per method, and fails (exit 1) if a
 method logs a non-finite loss or skips an optimizer step. The first step of each run (CUDA and allocator
-warm-up) is left out of the speed.
+warm-up) is left out of the speed. On the GPU the weights themselves are bf16 (`model.to("cuda", bfloat16)`,
+`bf16=True`), so the memory figure is a bf16 model's; an untrained model is never right, so a soft reward for
+the format tags present (weight 0.1) gives every method non-zero advantages and real gradients to time.
 
 Without CUDA it says so and exits 0; `--cpu-only` runs the CPU part alone (so the script can be checked on
 any machine). A GPU that nvidia-smi sees but torch does not is an error (exit 1): usually a CPU-only torch.
