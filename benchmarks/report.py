@@ -1,0 +1,551 @@
+"""docs/RESULTS.md and docs/figures/*.png, generated from the run JSON files of `benchmarks.reproduce`.
+
+    python -m benchmarks.report                      # benchmarks/results -> docs/RESULTS.md, docs/figures/
+    python -m benchmarks.report --results DIR --out FILE.md --figures DIR
+
+Everything in RESULTS.md is computed here from the JSON files: the tables (mean and 95% t-interval over
+seeds; a paired comparison with GRPO, or with the ablated base, on the seeds both have: mean difference, its
+95% t-interval, paired t-test p-value), the reading against the paper's claims, the curves (mean over seeds
+with a min-max band, `calibrl.plots.plot_seed_bands`), how much of the grid is complete, the commands,
+configs and machine. Nothing is typed by hand, and a missing run is reported as missing, never filled in.
+Runs whose shared settings differ from the current grid (a stale `settings_hash`) are left out and listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+from benchmarks import reproduce
+
+ROOT = reproduce.ROOT
+DOC_PATH = ROOT / "docs" / "RESULTS.md"
+FIG_DIR = ROOT / "docs" / "figures"
+ALPHA = 0.05
+
+LABELS = {
+    "grpo": "GRPO",
+    "dapo": "DAPO",
+    "grpo_entropy": "GRPO + entropy bonus 0.01",
+    "sft_grpo": "SFT → GRPO",
+    "luffy_original": "LUFFY (original)",
+    "luffy_calibrl_baseline": "LUFFY (CalibRL's baseline)",
+    "rlplus": "RL-PLUS",
+    "calibrl_token": "CalibRL, token gap (code)",
+    "calibrl_sequence": "CalibRL, sequence gap (paper)",
+    "calibrl_sequence_mean": "CalibRL, sequence-mean gap",
+    "calibrl_constant": "CalibRL, constant baseline (control)",
+}
+ABLATION_LABELS = {
+    "guide_coef=0.01": "λ = 0.01", "guide_coef=0.3": "λ = 0.3", "leaky_slope=0.3": "α = 0.3",
+    "leaky_slope=0.8": "α = 0.8", "no_abs_adv": "no |A| weighting", "noisy_expert": "noisy expert (30% wrong)",
+}
+
+
+def label(cell: str) -> str:
+    if "+" in cell:
+        base, abl = cell.split("+", 1)
+        return f"{LABELS.get(base, base)}: {ABLATION_LABELS.get(abl, abl)}"
+    return LABELS.get(cell, cell)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------------------
+def mean_ci(values: list[float]) -> dict:
+    """Mean, sample std and the 95% t-interval half-width (None below 2 values)."""
+    from scipy import stats
+
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": None, "half": None, "sd": None}
+    mean = sum(values) / n
+    if n < 2:
+        return {"n": 1, "mean": mean, "half": None, "sd": None}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return {"n": n, "mean": mean, "sd": sd, "half": float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)}
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict:
+    """a - b on the seeds both have: mean difference, 95% t-interval, paired t-test p-value (two-sided)."""
+    from scipy import stats
+
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    out = {**mean_ci(diffs), "seeds": seeds, "p": None}
+    if len(diffs) >= 2:
+        if out["sd"] == 0:
+            out["p"] = 0.0 if out["mean"] != 0 else 1.0
+        else:
+            out["p"] = float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
+    return out
+
+
+def verdict(d: dict, expected: int) -> str:
+    """`expected` +1 (a > b claimed), -1 (a < b) or 0 (no difference claimed)."""
+    if d["n"] < 2:
+        return "not testable yet" + (f" (1 paired seed)" if d["n"] == 1 else " (no paired seeds)")
+    significant = d["p"] is not None and d["p"] < ALPHA
+    if expected == 0:
+        return "consistent (no significant difference)" if not significant else "does not hold (significant difference)"
+    if not significant:
+        return "not significant"
+    return "holds" if (d["mean"] > 0) == (expected > 0) else "contradicted (significant, opposite direction)"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------
+def load(results_dir: str | os.PathLike, grid_path: str | os.PathLike) -> dict:
+    """Base, current and stale runs, the grid (quick or full, as the results say) and the expected runs."""
+    results_dir = Path(results_dir)
+    base_path = results_dir / reproduce.BASE_FILE
+    base = json.loads(base_path.read_text(encoding="utf-8")) if base_path.is_file() else None
+    all_runs = reproduce.load_runs(results_dir)
+    quick = bool(base["quick"]) if base else any(r.get("quick") for r in all_runs)
+    grid = reproduce.load_grid(grid_path, quick=quick)
+    h = reproduce.settings_hash(grid)
+    runs = [r for r in all_runs if r["settings_hash"] == h]
+    stale = [r for r in all_runs if r["settings_hash"] != h]
+    if base is not None and base.get("settings_hash") != h:
+        base = None
+    bases = Counter(r["ablation_of"] for r in runs if r["group"] == "ablation" and r.get("ablation_of"))
+    abl_base = None
+    if grid["ablations"]:
+        abl_base = bases.most_common(1)[0][0] if bases else reproduce.ablation_base(grid, results_dir)
+    expected = reproduce.grid_runs(grid, abl_base)
+    return {"grid": grid, "hash": h, "base": base, "runs": runs, "stale": stale, "ablation_base": abl_base,
+            "expected": expected, "quick": quick}
+
+
+def by_cell(runs: list[dict]) -> dict[str, dict[int, dict]]:
+    out: dict[str, dict[int, dict]] = {}
+    for r in runs:
+        out.setdefault(r["cell"], {})[r["seed"]] = r
+    return out
+
+
+def metric(run: dict, name: str) -> float | None:
+    if name in ("test", "ood"):
+        return 100 * run["final"][name]["accuracy"] if name in run["final"] else None
+    if name == "entropy":
+        return run.get("entropy_final")
+    if name == "per_step_s":
+        return run["time"].get("per_step_s")
+    if name == "total_s":
+        return run["time"].get("total_s")
+    raise KeyError(name)
+
+
+def values(cells: dict[str, dict[int, dict]], cell: str, name: str) -> dict[int, float]:
+    return {s: v for s, r in cells.get(cell, {}).items() if (v := metric(r, name)) is not None}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Formatting
+# ----------------------------------------------------------------------------------------------------------
+def fmt_ci(c: dict, digits: int = 1) -> str:
+    if c["n"] == 0:
+        return "—"
+    if c["half"] is None:
+        return f"{c['mean']:.{digits}f} (n=1)"
+    return f"{c['mean']:.{digits}f} ± {c['half']:.{digits}f}"
+
+
+def fmt_diff(d: dict, digits: int = 1) -> str:
+    if d["n"] == 0:
+        return "—"
+    if d["half"] is None:
+        return f"{d['mean']:+.{digits}f} (n=1)"
+    p = "p = " + (f"{d['p']:.3f}" if d["p"] >= 0.001 else f"{d['p']:.1e}")
+    return f"{d['mean']:+.{digits}f} [{d['mean'] - d['half']:+.{digits}f}, {d['mean'] + d['half']:+.{digits}f}], {p}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + [
+        "| " + " | ".join(r) + " |" for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------------
+def completeness(data: dict) -> tuple[list[str], dict]:
+    have = {(r["cell"], r["seed"]) for r in data["runs"]}
+    counts = {}
+    for group in reproduce.GROUPS:
+        exp = [r for r in data["expected"] if r.group == group]
+        counts[group] = (sum((r.cell, r.seed) in have for r in exp), len(exp))
+    grid = data["grid"]
+    n_abl_planned = len(grid["ablations"]) * len(grid["seeds"].get("ablation", []))
+    if data["ablation_base"] is None and n_abl_planned:
+        counts["ablation"] = (0, n_abl_planned)
+    done = sum(c[0] for c in counts.values())
+    total = sum(c[1] for c in counts.values())
+    lines = []
+    if done < total:
+        lines.append(f"> **PARTIAL GRID: {done} of {total} runs complete** (main table {counts['main'][0]}/"
+                     f"{counts['main'][1]}, ablations {counts['ablation'][0]}/{counts['ablation'][1]}). Every "
+                     "number below comes from the finished runs only; cells with fewer seeds than planned show "
+                     "their own `n`, missing cells show —. Nothing is extrapolated.")
+    else:
+        lines.append(f"> **Grid complete: {done} of {total} runs** (main table {counts['main'][0]}, ablations "
+                     f"{counts['ablation'][0]}).")
+    if data["quick"]:
+        lines.append(">\n> **QUICK MODE** (`--quick`): a nano model with a 4-step warm start and a few RL steps. "
+                     "These numbers test the plumbing and say nothing about the methods.")
+    return lines, counts
+
+
+def setting_section(data: dict) -> list[str]:
+    grid, base = data["grid"], data["base"]
+    t, fe = grid["train"], grid["final_eval"]
+    any_run = data["runs"][0] if data["runs"] else None
+    cfg = any_run["config"]["train"] if any_run else {}
+    run_args = any_run["config"]["run"] if any_run else {}
+    prompts = t["per_device_train_batch_size"] // t["num_generations"]
+    lines = ["## Setting", ""]
+    if base is not None:
+        sft = base["sft"]
+        b = base["final"]
+        lines.append(f"- **Base model** (every run starts here): `{Path(base['base_model']).name}`, an SFT warm start "
+                     f"(`calibrl.demo.warm_start`, grid `sft`) on `native` wording, kept at step {sft.get('chosen_step')} "
+                     f"(validation accuracy {_pct(sft.get('select_accuracy'))}, train split). Held-out greedy accuracy "
+                     f"before RL: in-domain {100 * b['test']['accuracy']:.1f}% (n={b['test']['n']}), out-of-domain "
+                     f"{100 * b['ood']['accuracy']:.1f}% (n={b['ood']['n']}).")
+    else:
+        lines.append("- **Base model**: base.json missing (run `python -m benchmarks.reproduce` first).")
+    lines += [
+        f"- **Task**: `{run_args.get('dataset', 'task:digits')}` difficulty {run_args.get('difficulty')}, problem types "
+        f"{run_args.get('task_types') or 'all'}, "
+        f"{run_args.get('n_train', '?')} training rows; expert solutions in the `mismatched` wording (the expert "
+        "writes differently from the policy, as in the paper); in-domain = `test` (unseen digit scans), "
+        "out-of-domain = `ood` (multiplication, never trained on).",
+        f"- **RL, identical for every method**: {t['max_steps']} optimizer steps, {prompts} prompts × "
+        f"{t['num_generations']} rollouts per step, max {t['max_completion_length']} new tokens, temperature "
+        f"{cfg.get('temperature', 1.0)}, learning rate {t['learning_rate']} ({cfg.get('lr_scheduler_type', 'constant')}), "
+        f"β = {cfg.get('beta', 0.0)}, reward = accuracy + 0.1 · format.",
+        f"- **Evaluation, identical for every method**: greedy decoding, {fe['n_eval']} rows per split drawn with "
+        f"another seed than the training rows (standard error ≈ {100 * math.sqrt(0.25 / fe['n_eval']):.1f} points "
+        f"per run at 50%), after the last step. Curves: {t['n_eval']} rows per split every {t['eval_every']} steps.",
+        f"- **SFT → GRPO**: continue SFT from the base on the same training rows' expert solutions "
+        f"({grid['sft_grpo'].get('sft_steps')} steps × {grid['sft_grpo'].get('batch_size')} rows, learning rate "
+        f"{grid['sft_grpo'].get('learning_rate')}, warm-up {grid['sft_grpo'].get('warmup_steps', 0)}), then GRPO "
+        "exactly as the GRPO row. The SFT steps come on top of the RL steps.",
+        "- **Seeds**: a seed fixes RL sampling and data order; every method sees the same prompts in the same "
+        "order for a given seed, so comparisons are paired by seed. Intervals are 95% Student-t over seeds; Δ "
+        "columns are paired differences (mean [95% CI], paired t-test p).",
+        "",
+    ]
+    return lines
+
+
+def _pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.1f}%"
+
+
+def main_table(data: dict, cells: dict) -> list[str]:
+    grid = data["grid"]
+    n_seeds = len(grid["seeds"]["main"])
+    header = ["method", "seeds", "in-domain %", "Δ in-domain vs GRPO", "out-of-domain %", "Δ ood vs GRPO",
+              "final entropy", "s / step", "min / run"]
+    rows = []
+    g_test, g_ood = values(cells, "grpo", "test"), values(cells, "grpo", "ood")
+    for cell in grid["main"]:
+        test, ood = values(cells, cell, "test"), values(cells, cell, "ood")
+        n = len(cells.get(cell, {}))
+        is_grpo = cell == "grpo"
+        total = mean_ci([v / 60 for v in values(cells, cell, "total_s").values()])
+        rows.append([label(cell), f"{n}/{n_seeds}", fmt_ci(mean_ci(list(test.values()))),
+                     "(reference)" if is_grpo else fmt_diff(paired(test, g_test)),
+                     fmt_ci(mean_ci(list(ood.values()))), "(reference)" if is_grpo else fmt_diff(paired(ood, g_ood)),
+                     fmt_ci(mean_ci(list(values(cells, cell, "entropy").values())), 3),
+                     fmt_ci(mean_ci(list(values(cells, cell, "per_step_s").values())), 2),
+                     "—" if total["n"] == 0 else f"{total['mean']:.1f}"])
+    return table(header, rows)
+
+
+def ablation_table(data: dict, cells: dict) -> list[str]:
+    grid, base = data["grid"], data["ablation_base"]
+    if not grid["ablations"]:
+        return ["This grid has no ablations."]
+    if base is None:
+        return ["Not run yet: the ablation base is chosen as the best CalibRL variant of the main table, which "
+                "has no finished CalibRL runs yet."]
+    n_seeds = len(grid["seeds"].get("ablation", []))
+    header = ["variant", "seeds", "in-domain %", f"Δ in-domain vs base", "out-of-domain %", "Δ ood vs base",
+              "final entropy", "Δ in-domain vs GRPO"]
+    b_test, b_ood = values(cells, base, "test"), values(cells, base, "ood")
+    g_test = values(cells, "grpo", "test")
+    rows = [[f"base: {label(base)} (λ = 0.1, α = 0.5)", f"{len(cells.get(base, {}))}/{len(grid['seeds']['main'])}",
+             fmt_ci(mean_ci(list(b_test.values()))), "(reference)", fmt_ci(mean_ci(list(b_ood.values()))),
+             "(reference)", fmt_ci(mean_ci(list(values(cells, base, "entropy").values())), 3),
+             fmt_diff(paired(b_test, g_test))]]
+    for name in grid["ablations"]:
+        cell = f"{base}+{name}"
+        test, ood = values(cells, cell, "test"), values(cells, cell, "ood")
+        rows.append([ABLATION_LABELS.get(name, name), f"{len(cells.get(cell, {}))}/{n_seeds}",
+                     fmt_ci(mean_ci(list(test.values()))), fmt_diff(paired(test, b_test)),
+                     fmt_ci(mean_ci(list(ood.values()))), fmt_diff(paired(ood, b_ood)),
+                     fmt_ci(mean_ci(list(values(cells, cell, "entropy").values())), 3),
+                     fmt_diff(paired(test, g_test))])
+    return [f"Each ablation changes one key of the base cell **{label(base)}**; the base's own runs stand for "
+            "λ = 0.1, α = 0.5 with |A| weighting and the mismatched (correct) expert. Δ vs base is paired on the "
+            "seeds both have.", ""] + table(header, rows)
+
+
+def claims(data: dict, cells: dict) -> list[str]:
+    """The paper's claims (METHOD.md §7), each checked against the paired differences measured here."""
+    base = data["ablation_base"]
+    checks: list[tuple[str, str, str, str, int, str]] = [  # (claim, a, b, metric, expected sign, paper figure)
+        ("CalibRL (token gap, official code) beats GRPO in-domain", "calibrl_token", "grpo", "test", 1,
+         "44.93 vs 39.48 (+5.45)"),
+        ("CalibRL (sequence gap, paper) beats GRPO in-domain", "calibrl_sequence", "grpo", "test", 1, "+5.45"),
+        ("CalibRL (token gap) beats GRPO out-of-domain", "calibrl_token", "grpo", "ood", 1, "59.36 vs 57.24 (+2.12)"),
+        ("CalibRL beats DAPO in-domain", "calibrl_token", "dapo", "test", 1, "44.93 vs 39.55"),
+        ("DAPO and GRPO are on par in-domain", "dapo", "grpo", "test", 0, "39.55 vs 39.48"),
+        ("SFT → GRPO is below GRPO in-domain", "sft_grpo", "grpo", "test", -1, "21.87 vs 39.48"),
+        ("CalibRL beats LUFFY in-domain", "calibrl_token", "luffy_calibrl_baseline", "test", 1, "44.93 vs ≈38.64"),
+        ("CalibRL beats RL-PLUS in-domain", "calibrl_token", "rlplus", "test", 1, "44.93 vs ≈34.68"),
+        ("CalibRL beats GRPO + entropy bonus in-domain", "calibrl_token", "grpo_entropy", "test", 1,
+         "entropy bonus below CalibRL"),
+        ("CalibRL keeps a higher final entropy than LUFFY", "calibrl_token", "luffy_calibrl_baseline", "entropy", 1,
+         "1.50 vs 0.09"),
+        ("CalibRL keeps a higher final entropy than RL-PLUS", "calibrl_token", "rlplus", "entropy", 1, "1.50 vs 0.35"),
+        ("The expert's content matters (token gap beats the constant-baseline control)", "calibrl_token",
+         "calibrl_constant", "test", 1, "reviewers' question; no figure"),
+    ]
+    if base is not None:
+        checks += [
+            ("|A| weighting helps (base beats no |A| weighting)", base, f"{base}+no_abs_adv", "test", 1, "−5.3 without"),
+            ("α = 0.5 beats α = 0.3", base, f"{base}+leaky_slope=0.3", "test", 1, "0.5 best"),
+            ("α = 0.5 beats α = 0.8", base, f"{base}+leaky_slope=0.8", "test", 1, "0.5 best"),
+            ("λ = 0.1 beats λ = 0.01", base, f"{base}+guide_coef=0.01", "test", 1, "0.1 best"),
+            ("λ = 0.1 beats λ = 0.3", base, f"{base}+guide_coef=0.3", "test", 1, "0.1 best"),
+            ("A weaker (noisy) expert shrinks the gain (correct expert beats noisy expert)", base,
+             f"{base}+noisy_expert", "test", 1, "weaker expert: smaller gain"),
+        ]
+    lines = ["Each line: the claim, the paper's figure, the paired difference measured here (a − b, in points "
+             "for accuracy, nats for entropy; mean [95% CI], paired t-test p, number of paired seeds) and the "
+             f"verdict at p < {ALPHA}: **holds** (significant, in the claimed direction), **not significant**, "
+             "**contradicted** (significant, opposite direction), or **not testable yet** (fewer than two "
+             "paired seeds).", ""]
+    for text, a, b, name, sign, paper in checks:
+        d = paired(values(cells, a, name), values(cells, b, name))
+        unit = "" if name == "entropy" else " points"
+        what = {"test": "in-domain", "ood": "out-of-domain", "entropy": "final entropy"}[name]
+        measured = "no paired runs yet" if d["n"] == 0 else f"{fmt_diff(d, 3 if name == 'entropy' else 1)}{unit}, n = {d['n']}"
+        lines.append(f"- {text} (paper: {paper}). {label(a)} vs {label(b)}, {what}: {measured}: "
+                     f"**{verdict(d, sign)}**.")
+    return lines
+
+
+def seeds_table(data: dict, cells: dict) -> list[str]:
+    """Every finished run's own numbers (in-domain / out-of-domain %), cell by seed."""
+    seeds = sorted({r["seed"] for r in data["runs"]})
+    order = list(data["grid"]["main"]) + sorted(c for c in cells if c not in data["grid"]["main"])
+    rows = []
+    for cell in order:
+        if cell not in cells:
+            continue
+        row = [label(cell)]
+        for s in seeds:
+            r = cells[cell].get(s)
+            row.append("—" if r is None else f"{metric(r, 'test'):.1f} / {metric(r, 'ood'):.1f}")
+        rows.append(row)
+    return table(["cell"] + [f"seed {s}" for s in seeds], rows) if rows else ["(no finished runs)"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------------------
+def _run_folder(run: dict, root: Path) -> str:
+    """A minimal run folder (metrics.jsonl, eval.jsonl, run.json) rebuilt from a run's JSON curves, which is
+    what `calibrl.plots.plot_seed_bands` reads."""
+    d = root / run["run_id"]
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "metrics.jsonl", "w", encoding="utf-8") as f:
+        for step, value in run["curves"]["entropy"]:
+            f.write(json.dumps({"step": int(step), "entropy": value}) + "\n")
+    with open(d / "eval.jsonl", "w", encoding="utf-8") as f:
+        for e in run["curves"]["heldout"]:
+            f.write(json.dumps(e) + "\n")
+    (d / "run.json").write_text(json.dumps({"name": run["run_id"]}), encoding="utf-8")
+    return str(d)
+
+
+def figures(data: dict, cells: dict, fig_dir: Path) -> list[tuple[str, str]]:
+    """(caption, path) of every figure written: held-out accuracy (in-domain, out-of-domain) and on-policy
+    entropy over steps, mean over seeds with a min-max band, for three groups of cells."""
+    from calibrl.plots import plot_seed_bands
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for old in fig_dir.glob("*.png"):
+        old.unlink()
+    main = list(data["grid"]["main"])
+    variants = [c for c in main if c.startswith("calibrl_")]
+    families = {
+        "baselines": [c for c in main if not c.startswith("calibrl_") or c == "calibrl_token"],
+        "calibrl_variants": ["grpo"] + variants,
+        "ablations": ([data["ablation_base"]] + [f"{data['ablation_base']}+{a}" for a in data["grid"]["ablations"]]
+                      if data["ablation_base"] else []),
+    }
+    written = []
+    with tempfile.TemporaryDirectory(prefix="calibrl-report-") as tmp:
+        for family, members in families.items():
+            groups = {label(c): [_run_folder(r, Path(tmp)) for r in cells[c].values()] for c in members if c in cells}
+            if len(groups) < (2 if family == "ablations" else 1):
+                continue
+            for metric_name, source, split, what, smooth in (
+                    ("accuracy", "eval", "test", "held-out in-domain accuracy", 1),
+                    ("accuracy", "eval", "ood", "held-out out-of-domain accuracy", 1),
+                    ("entropy", "metrics", None, "on-policy entropy (5-step moving average)", 5)):
+                name = f"{family}_{'entropy' if source == 'metrics' else 'heldout_' + split}.png"
+                path = plot_seed_bands(groups, metric_name, str(fig_dir / name), source=source, split=split,
+                                       smooth=smooth, title=f"{family.replace('_', ' ')}: {what}")
+                if path:
+                    written.append((f"{family.replace('_', ' ')}: {what}", path))
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Provenance
+# ----------------------------------------------------------------------------------------------------------
+def provenance(data: dict, cells: dict) -> list[str]:
+    grid = data["grid"]
+    runs = data["runs"]
+    lines = ["## How each number was produced", ""]
+    commands = Counter(r["command"] for r in runs)
+    lines.append("Commands that produced the finished runs (each run's JSON records its own):")
+    lines.append("")
+    for cmd, n in commands.most_common():
+        lines.append(f"- `{cmd}` ({n} runs)")
+    lines += ["", "Cells (train keys added on top of the shared settings; `sft_first` = the SFT → GRPO pipeline):", ""]
+    rows = []
+    for cell in list(grid["main"]) + sorted(c for c in cells if c not in grid["main"]):
+        spec = next((r for r in data["expected"] if r.cell == cell), None)
+        keys = spec.keys if spec else next(iter(cells[cell].values()))["keys"]
+        extra = ", sft_first: true" if spec is not None and spec.sft_first else ""
+        rows.append([label(cell), f"`{cell}`", "`" + ", ".join(f"{k}: {v}" for k, v in keys.items()) + extra + "`"])
+    lines += table(["method", "cell (JSON file prefix)", "keys"], rows)
+    shared = {k: grid.get(k) for k in ("sft", "train", "final_eval", "sft_grpo")}
+    lines += ["", "Shared settings (benchmarks/grid.yaml: `sft` = SFTArgs fields, `train` = CalibRLConfig + RunArgs "
+              f"fields; settings hash `{data['hash']}`):", "", "```yaml", yaml.safe_dump(shared, sort_keys=False).rstrip(),
+              "```", ""]
+    return lines
+
+
+def machine_section(data: dict) -> list[str]:
+    runs = data["runs"]
+    lines = ["## Machine and cost", ""]
+    if not runs:
+        return lines + ["No finished runs."]
+    m = runs[-1]["machine"]
+    threads = Counter(r["time"]["threads"] for r in runs)
+    lines.append(f"- {m['nproc']} CPU cores ({m['cpu_model']}), {m['platform']}; torch threads per run: "
+                 + ", ".join(f"{t} ({n} runs)" for t, n in sorted(threads.items())) + ".")
+    total = [r["time"]["total_s"] for r in runs]
+    cpu = [r["time"]["cpu_s"] for r in runs]
+    per_step = [r["time"]["per_step_s"] for r in runs if r["time"].get("per_step_s")]
+    nproc = m["nproc"]
+    lines.append(f"- Per run (training + in-training curve + final evaluation), over {len(runs)} finished runs: "
+                 f"wall {_median(total):.0f} s median ({min(total):.0f}–{max(total):.0f}); CPU time {_median(cpu):.0f} s "
+                 f"median, i.e. {_median(cpu) / nproc:.0f} s of the whole {nproc}-core machine; "
+                 f"{_median(per_step):.2f} s wall per optimizer step median.")
+    lines.append(f"- Finished runs in total: {sum(cpu) / 3600:.2f} CPU-hours = {sum(cpu) / nproc / 3600:.2f} h of the "
+                 f"whole machine ({sum(total) / 3600:.2f} h of run wall time).")
+    busy = [r for r in runs if max(r["time"]["loadavg_start"][0], r["time"]["loadavg_end"][0])
+            > r["machine"]["nproc"] + 0.5]
+    lines.append(f"- The machine was shared with other work: {len(busy)} of {len(runs)} runs started or ended with "
+                 f"a 1-minute load average above {m['nproc'] + 0.5:.1f}, so their times (s / step, min / run) "
+                 "include waiting for the CPU; compare times only between runs made under the same load. Accuracy "
+                 "and entropy do not depend on load.")
+    if data["base"]:
+        lines.append(f"- Base model evaluation: {data['base']['eval_s']:.0f} s.")
+    return lines + [""]
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------
+def build_report(results_dir: str | os.PathLike, out_md: str | os.PathLike, fig_dir: str | os.PathLike,
+                 grid_path: str | os.PathLike = reproduce.GRID_PATH) -> str:
+    """Write the Markdown report and its figures; returns the Markdown text."""
+    data = load(results_dir, grid_path)
+    cells = by_cell(data["runs"])
+    out_md, fig_dir = Path(out_md), Path(fig_dir)
+    head, _ = completeness(data)
+    lines = ["# Results: the paper's table in miniature", ""] + head + [
+        "",
+        f"Generated by `python -m benchmarks.report` from `{_rel(results_dir)}/*.json` on "
+        f"{datetime.date.today().isoformat()}. Do not edit by hand: rerun the report. The grid is "
+        "`benchmarks/grid.yaml`, run by `python -m benchmarks.reproduce` (see its docstring).",
+        "",
+    ]
+    lines += setting_section(data)
+    lines += ["## Main table", "",
+              "Accuracy in % (greedy, held-out), mean ± 95% CI half-width over seeds; Δ = paired difference with GRPO "
+              "in points, mean [95% CI], paired t-test p. Final entropy: on-policy per-token entropy, mean of the "
+              "last 10 steps. s / step: wall time of one optimizer step (generation, rewards, loss, backward, "
+              "update), held-out evaluation excluded. min / run: whole run (SFT phase if any, training, curve, "
+              "final evaluation).", ""]
+    lines += main_table(data, cells) + [""]
+    lines += ["## Against the paper's claims", ""] + claims(data, cells) + [""]
+    lines += ["## Ablations", ""] + ablation_table(data, cells) + [""]
+    figs = figures(data, cells, fig_dir)
+    lines += ["## Curves", "", "Mean over seeds, shaded from the lowest to the highest seed at each step.", ""]
+    for caption, path in figs:
+        lines += [f"![{caption}]({os.path.relpath(path, out_md.parent)})", ""]
+    if not figs:
+        lines += ["(no finished runs to plot)", ""]
+    lines += ["## Every run", "", "In-domain / out-of-domain accuracy (%) of each finished run.", ""]
+    lines += seeds_table(data, cells) + [""]
+    lines += machine_section(data)
+    lines += provenance(data, cells)
+    if data["stale"]:
+        lines += ["## Left out", "", f"{len(data['stale'])} result files were made with other shared settings "
+                  "(a different settings hash) and are not used: " + ", ".join(sorted(r["run_id"] for r in data["stale"]))
+                  + ".", ""]
+    text = "\n".join(lines).rstrip() + "\n"
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(text, encoding="utf-8")
+    return text
+
+
+def _rel(path) -> str:
+    try:
+        return os.path.relpath(path, ROOT) if str(Path(path).resolve()).startswith(str(ROOT)) else str(path)
+    except ValueError:
+        return str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    p.add_argument("--results", default=str(reproduce.RESULTS_DIR), help="folder of run JSON files")
+    p.add_argument("--out", default=str(DOC_PATH), help="Markdown file to write (default docs/RESULTS.md)")
+    p.add_argument("--figures", default=str(FIG_DIR), help="folder for the PNGs (default docs/figures)")
+    p.add_argument("--grid", default=str(reproduce.GRID_PATH), help="grid file (default benchmarks/grid.yaml)")
+    ns = p.parse_args(argv)
+    if not Path(ns.results).is_dir():
+        raise SystemExit(f"report: results folder not found: {ns.results}")
+    text = build_report(ns.results, ns.out, ns.figures, ns.grid)
+    print(text.split("\n\n", 2)[1] if "\n\n" in text else text)
+    print(f"written: {ns.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""benchmarks.reproduce --quick end to end into a tmp folder (JSON per run, resume), then benchmarks.report on it
+(tables, completeness line, a figure), plus the grid selection and the statistics the report prints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from benchmarks import report, reproduce
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One quick grid (2 methods x 2 seeds, nano model), run once for the module; the cache is private."""
+    root = tmp_path_factory.mktemp("bench")
+    old = os.environ.get("CALIBRL_CACHE")
+    os.environ["CALIBRL_CACHE"] = str(root / "cache")
+    try:
+        args = ["--quick", "--out", str(root / "results"), "--work-dir", str(root / "work")]
+        assert reproduce.main(args) == 0
+        yield root, args
+    finally:
+        if old is None:
+            os.environ.pop("CALIBRL_CACHE", None)
+        else:
+            os.environ["CALIBRL_CACHE"] = old
+
+
+def test_quick_writes_one_json_per_run(quick):
+    root, _ = quick
+    files = sorted(p.name for p in (root / "results").glob("*.json"))
+    assert files == ["base.json", "calibrl_token__s0.json", "calibrl_token__s1.json", "grpo__s0.json", "grpo__s1.json"]
+    runs = {r["run_id"]: r for r in reproduce.load_runs(root / "results")}
+    assert len({r["settings_hash"] for r in runs.values()}) == 1
+    for run_id, r in runs.items():
+        assert r["run_id"] == run_id and r["quick"] is True and r["global_step"] == 3
+        assert r["method"] == run_id.split("_")[0]
+        for split in ("test", "ood"):
+            assert r["final"][split]["n"] == 8 and 0.0 <= r["final"][split]["accuracy"] <= 1.0
+        assert [s for s, _ in r["curves"]["entropy"]] == [1, 2, 3]
+        assert r["entropy_final"] > 0
+        assert r["time"]["steps_timed"] == 3 and r["time"]["per_step_s"] > 0
+        assert r["time"]["total_s"] >= r["time"]["train_s"]
+        assert {e["step"] for e in r["curves"]["heldout"]} == {0, 2, 3}  # start, every 2 steps, end
+        assert r["machine"]["nproc"] == os.cpu_count() and r["machine"]["cpu_model"]
+    # the same seed gives both methods the same base and the same eval rows; CalibRL logs its guidance
+    assert runs["grpo__s0"]["base_model"] == runs["calibrl_token__s0"]["base_model"]
+    assert runs["calibrl_token__s0"]["config"]["train"]["gap"] == "token"
+
+
+def test_rerun_skips_finished_runs(quick, capsys):
+    root, args = quick
+    before = {p.name: p.stat().st_mtime_ns for p in (root / "results").glob("*.json")}
+    assert reproduce.main(args) == 0
+    assert "0 to run" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "results").glob("*.json")} == before
+
+
+def test_report_tables_claims_and_figure(quick, tmp_path):
+    root, _ = quick
+    text = report.build_report(root / "results", tmp_path / "RESULTS.md", tmp_path / "figures")
+    assert (tmp_path / "RESULTS.md").read_text(encoding="utf-8") == text
+    head = text.split("## Setting")[0]
+    assert "Grid complete: 4 of 4 runs" in head and "QUICK MODE" in head
+    assert "| GRPO | 2/2 |" in text and "| CalibRL, token gap (code) | 2/2 |" in text
+    calibrl_row = next(line for line in text.splitlines() if line.startswith("| CalibRL, token gap (code) | 2/2"))
+    assert "p = " in calibrl_row  # paired difference with GRPO on 2 seeds
+    assert "CalibRL (token gap, official code) beats GRPO in-domain" in text
+    png = tmp_path / "figures" / "baselines_heldout_test.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](figures/baselines_heldout_test.png)" in text
+
+    # a partial grid says so in its first lines, and never shows the missing run's numbers
+    partial = tmp_path / "partial"
+    shutil.copytree(root / "results", partial)
+    (partial / "calibrl_token__s1.json").unlink()
+    text = report.build_report(partial, tmp_path / "partial.md", tmp_path / "figures2")
+    assert "PARTIAL GRID: 3 of 4 runs complete" in "\n".join(text.splitlines()[:4])
+    assert "| CalibRL, token gap (code) | 1/2 |" in text
+
+
+def test_grid_selection_only_seeds_shards():
+    grid = reproduce.load_grid()
+    runs = reproduce.grid_runs(grid, "calibrl_token")
+    main = [r for r in runs if r.group == "main"]
+    abl = [r for r in runs if r.group == "ablation"]
+    assert len(main) == len(grid["main"]) * len(grid["seeds"]["main"]) == 55
+    assert len(abl) == len(grid["ablations"]) * len(grid["seeds"]["ablation"]) == 18
+    assert [r.seed for r in main[:11]] == [0] * 11  # seed-major: an interrupted grid leaves whole seeds
+    assert abl[0].cell == "calibrl_token+guide_coef=0.01" and abl[0].keys["guide_coef"] == 0.01
+    assert abl[0].keys["gap"] == "token"
+    assert next(r for r in main if r.cell == "sft_grpo").sft_first
+    picked = reproduce.select_runs(runs, reproduce.parse_only(["method=grpo,calibrl_token"]), seeds=[0, 1])
+    assert [r.run_id for r in picked] == ["grpo__s0", "calibrl_token__s0", "grpo__s1", "calibrl_token__s1"]
+    halves = [reproduce.select_runs(runs, shard=(i, 2)) for i in (0, 1)]
+    assert sorted(r.run_id for h in halves for r in h) == sorted(r.run_id for r in runs)
+    assert not {r.run_id for r in halves[0]} & {r.run_id for r in halves[1]}
+    assert reproduce.grid_runs(grid, None) == main  # no ablations before the base is known
+    with pytest.raises(SystemExit, match="--only"):
+        reproduce.parse_only(["seed=1"])
+    with pytest.raises(SystemExit, match="--shard"):
+        reproduce.parse_shard("2/2")
+
+
+def test_statistics_match_scipy_by_hand():
+    c = report.mean_ci([1.0, 2.0, 3.0])
+    assert c["mean"] == 2.0 and c["sd"] == 1.0 and abs(c["half"] - 4.302653 / 3 ** 0.5) < 1e-5
+    d = report.paired({0: 1.0, 1: 2.0, 2: 4.0, 3: 9.0}, {0: 0.0, 1: 0.0, 2: 1.0})  # seed 3 has no pair
+    assert d["seeds"] == [0, 1, 2] and d["mean"] == 2.0
+    assert abs(d["p"] - 0.07418) < 1e-4  # t = 2 / (1 / sqrt 3) = 3.46 on 2 df
+    assert report.verdict(d, 1) == "not significant"
+    strong = report.paired({s: 10.0 + s % 2 for s in range(5)}, {s: 0.0 for s in range(5)})
+    assert report.verdict(strong, 1) == "holds"
+    assert report.verdict(strong, -1).startswith("contradicted")
+    assert report.verdict(report.paired({0: 1.0}, {0: 0.0}), 1).startswith("not testable")
