@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--sample", action="store_true", help="sample rollouts with model.generate (default: fake)")
     ap.add_argument("--nan-step", type=int, default=None, help="give this optimizer step (0-based) a NaN loss")
     ap.add_argument("--missing-rows", default="", help="comma-separated row indices whose expert is missing")
+    ap.add_argument("--save-steps", type=int, default=0, help="save a checkpoint every N steps (0: never)")
+    ap.add_argument("--resume", default=None, help="resume from this checkpoint directory")
     opts = ap.parse_args()
 
     if importlib.util.find_spec("deepspeed") is not None:
@@ -109,9 +111,10 @@ def main() -> None:
     # use_cpu=False with ddp_backend="gloo": accelerate then counts the DeepSpeed processes on a machine without
     # GPUs (use_cpu=True would switch DeepSpeed off, and no backend makes every process believe it is alone).
     tr = build_trainer(opts.model_dir, opts.out_dir, world, opts.steps, fake_rollouts=not opts.sample,
-                       missing_rows=missing, use_cpu=False, ddp_backend="gloo")
+                       missing_rows=missing, use_cpu=False, ddp_backend="gloo",
+                       save_strategy="steps" if opts.save_steps else "no", save_steps=opts.save_steps or 500)
     tr.nan_step = opts.nan_step
-    tr.train()
+    tr.train(resume_from_checkpoint=opts.resume)
     with open(os.path.join(opts.out_dir, f"records-{rank}.json"), "w") as f:
         json.dump({"records": tr.records, "skipped_steps": tr.skipped_steps}, f)
     params = full_params(tr)

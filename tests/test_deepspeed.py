@@ -2,7 +2,9 @@
 
 Each stage is launched once with `accelerate launch --config_file configs/accelerate/ds_cpu_zero{2,3}.yaml`
 (tests/ds_worker.py: 3 optimizer steps, 2 gradient-accumulation micro-batches, deterministic rollouts, a NaN
-loss injected at step 1) and compared with the same run in this process without DeepSpeed.
+loss injected at step 1, a checkpoint at step 2) and compared with the same run in this process without
+DeepSpeed. ZeRO-3 is launched a second time, resuming from its step-2 checkpoint (DeepSpeed's own checkpoint
+path, not CalibRLTrainer._load_from_checkpoint): its last step must land on the same weights.
 """
 
 import json
@@ -20,7 +22,7 @@ from ds_worker import GLOBAL_BATCH, build_trainer
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)
-STEPS, NAN_STEP = 3, 1
+STEPS, NAN_STEP, RESUME_FROM = 3, 1, 2
 
 
 def free_port() -> int:
@@ -29,22 +31,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_zero(stage: int, model_dir: str, out: str) -> dict:
+def launch_zero(stage: int, model_dir: str, out: str, extra: list[str]) -> dict:
     os.makedirs(out, exist_ok=True)
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     cmd = [accelerate, "launch", "--config_file", os.path.join(ROOT, "configs", "accelerate", f"ds_cpu_zero{stage}.yaml"),
            "--main_process_port", str(free_port()), os.path.join(HERE, "ds_worker.py"), model_dir, out,
-           "--steps", str(STEPS), "--nan-step", str(NAN_STEP)]
+           "--steps", str(STEPS), "--nan-step", str(NAN_STEP), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-4000:]
     ranks = [json.load(open(os.path.join(out, f"records-{r}.json"))) for r in (0, 1)]
     return {
+        "dir": out,
         "ranks": ranks,
-        "logs": json.load(open(os.path.join(out, "logs.json"))),
+        "logs": [h for h in json.load(open(os.path.join(out, "logs.json"))) if "grad_norm" in h],
         "params": torch.load(os.path.join(out, "params.pt")),
         "summary": json.load(open(os.path.join(out, "summary.json"))),
     }
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tiny_vlm_dir, tmp_path_factory):
+    """Launches on demand, each once: zero_runs(stage) saves a checkpoint at step RESUME_FROM on the way;
+    zero_runs(stage, resumed=True) is a second launch that resumes from it."""
+    done: dict[tuple[int, bool], dict] = {}
+
+    def get(stage: int, resumed: bool = False) -> dict:
+        if (stage, resumed) not in done:
+            if resumed:
+                extra = ["--resume", os.path.join(get(stage)["dir"], f"checkpoint-{RESUME_FROM}")]
+            else:
+                extra = ["--save-steps", str(RESUME_FROM)]
+            out = str(tmp_path_factory.mktemp(f"zero{stage}{'-resumed' if resumed else ''}"))
+            done[(stage, resumed)] = launch_zero(stage, tiny_vlm_dir, out, extra)
+        return done[(stage, resumed)]
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +88,9 @@ def reference(tiny_vlm_dir, tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
-def zero(request, tiny_vlm_dir, tmp_path_factory):
-    stage = request.param
-    return stage, launch_zero(stage, tiny_vlm_dir, str(tmp_path_factory.mktemp(f"zero{stage}")))
+@pytest.fixture(params=[2, 3], ids=["zero2", "zero3"])
+def zero(request, zero_runs):
+    return request.param, zero_runs(request.param)
 
 
 def test_zero_runs_on_two_processes_with_groups_whole(zero):
@@ -127,3 +148,12 @@ def test_zero_skips_the_nan_step_like_the_plain_run(zero, reference):
     assert reference["skipped_steps"] == 1
     assert not torch.isfinite(torch.tensor(run["logs"][NAN_STEP]["grad_norm"]))
     assert all(torch.isfinite(p).all() for p in run["params"].values())
+
+
+def test_zero3_resumes_from_its_checkpoint_exactly(zero_runs):
+    full, resumed = zero_runs(3), zero_runs(3, resumed=True)
+    steps = {r["step"] for out in resumed["ranks"] for r in out["records"]}
+    assert steps == {RESUME_FROM}, f"the resumed run trained steps {sorted(steps)}, not only the last one"
+    assert resumed["summary"]["global_step"] == STEPS
+    worst = max((full["params"][n] - resumed["params"][n]).abs().max().item() for n in full["params"])
+    assert worst < 1e-6, f"resumed ZeRO-3 weights differ from the uninterrupted run by {worst}"
