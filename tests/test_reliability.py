@@ -157,6 +157,32 @@ def test_resume_at_an_epoch_boundary_runs_the_remaining_steps(tiny_vlm_dir, tmp_
     assert sum(1 for h in second.state.log_history if "loss" in h and h["step"] > 2) == 2
 
 
+class CtrlCAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= self.step:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
+
+
+def test_ctrl_c_leaves_a_usable_checkpoint(tiny_vlm_dir, tmp_path):
+    tr = make_trainer(tiny_vlm_dir, tmp_path, max_steps=3, save_strategy="no", rows=digit_rows(16))
+    tr.add_callback(CtrlCAt(2))
+    with pytest.raises(KeyboardInterrupt):
+        tr.train()
+    ckpt = tmp_path / "checkpoint-2"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "trainer_state.json").is_file()
+    again = make_trainer(tiny_vlm_dir, tmp_path, max_steps=3, save_strategy="no", rows=digit_rows(16))
+    again.train(resume_from_checkpoint=str(ckpt))
+    assert again.state.global_step == 3
+    # interrupted between steps, the checkpoint is as good as a scheduled one: the resumed run ends on the
+    # weights of an uninterrupted run
+    full = make_trainer(tiny_vlm_dir, tmp_path / "full", max_steps=3, save_strategy="no", rows=digit_rows(16))
+    full.train()
+    assert_same_params(params(again), params(full))
+
+
 # ------------------------------------------------------------------ vLLM
 def test_use_vllm_without_vllm_is_a_clear_error(tiny_vlm_dir, tmp_path):
     model, proc = load_tiny_model(tiny_vlm_dir)

@@ -203,6 +203,20 @@ class CalibRLTrainer(GRPOTrainer):
             opt._calibrl_guarded = True
         return opt
 
+    def train(self, *args, **kwargs):
+        """TRL's train loop; on Ctrl-C, write a checkpoint of the last finished step before stopping, so the
+        run can go on with `resume_from_checkpoint` (the interrupted step is redone)."""
+        try:
+            return super().train(*args, **kwargs)
+        except KeyboardInterrupt:
+            if self.state.global_step > 0:
+                self._save_checkpoint(self.model, trial=None)
+                if self.is_world_process_zero():
+                    print(f"\ninterrupted: checkpoint of step {self.state.global_step} written to "
+                          f"{self.args.output_dir}/checkpoint-{self.state.global_step}; resume with "
+                          "resume_from_checkpoint", flush=True)
+            raise
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume the weights through `from_pretrained`, strictly.
 
