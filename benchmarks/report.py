@@ -123,7 +123,8 @@ def load(results_dir: str | os.PathLike, grid_path: str | os.PathLike) -> dict:
     if grid["ablations"]:
         abl_base = bases.most_common(1)[0][0] if bases else reproduce.ablation_base(grid, results_dir)
     expected = reproduce.grid_runs(grid, abl_base)
-    return {"grid": grid, "hash": h, "base": base, "runs": runs, "stale": stale, "ablation_base": abl_base,
+    return {"grid": grid, "grid_path": str(grid_path), "hash": h, "base": base, "runs": runs, "stale": stale,
+            "ablation_base": abl_base,
             "expected": expected, "quick": quick}
 
 
@@ -210,7 +211,6 @@ def setting_section(data: dict) -> list[str]:
     t, fe = grid["train"], grid["final_eval"]
     any_run = data["runs"][0] if data["runs"] else None
     cfg = any_run["config"]["train"] if any_run else {}
-    run_args = any_run["config"]["run"] if any_run else {}
     prompts = t["per_device_train_batch_size"] // t["num_generations"]
     lines = ["## Setting", ""]
     if base is not None:
@@ -224,9 +224,9 @@ def setting_section(data: dict) -> list[str]:
     else:
         lines.append("- **Base model**: base.json missing (run `python -m benchmarks.reproduce` first).")
     lines += [
-        f"- **Task**: `{run_args.get('dataset', 'task:digits')}` difficulty {run_args.get('difficulty')}, problem types "
-        f"{run_args.get('task_types') or 'all'}, "
-        f"{run_args.get('n_train', '?')} training rows; expert solutions in the `mismatched` wording (the expert "
+        f"- **Task**: `{t.get('dataset')}` difficulty {t.get('difficulty')}, problem types "
+        f"{t.get('task_types') or 'all'}, "
+        f"{t.get('n_train')} training rows; expert solutions in the `{t.get('expert_style')}` wording (the expert "
         "writes differently from the policy, as in the paper); in-domain = `test` (unseen digit scans), "
         "out-of-domain = `ood` (multiplication, never trained on).",
         f"- **RL, identical for every method**: {t['max_steps']} optimizer steps, {prompts} prompts × "
@@ -320,6 +320,8 @@ def claims(data: dict, cells: dict) -> list[str]:
         ("CalibRL keeps a higher final entropy than LUFFY", "calibrl_token", "luffy_calibrl_baseline", "entropy", 1,
          "1.50 vs 0.09"),
         ("CalibRL keeps a higher final entropy than RL-PLUS", "calibrl_token", "rlplus", "entropy", 1, "1.50 vs 0.35"),
+        ("CalibRL keeps a higher final entropy than GRPO", "calibrl_token", "grpo", "entropy", 1,
+         "GRPO collapses entropy; CalibRL keeps it"),
         ("The expert's content matters (token gap beats the constant-baseline control)", "calibrl_token",
          "calibrl_constant", "test", 1, "reviewers' question; no figure"),
     ]
@@ -345,6 +347,12 @@ def claims(data: dict, cells: dict) -> list[str]:
         measured = "no paired runs yet" if d["n"] == 0 else f"{fmt_diff(d, 3 if name == 'entropy' else 1)}{unit}, n = {d['n']}"
         lines.append(f"- {text} (paper: {paper}). {label(a)} vs {label(b)}, {what}: {measured}: "
                      f"**{verdict(d, sign)}**.")
+    d = paired(values(cells, "calibrl_token", "per_step_s"), values(cells, "grpo", "per_step_s"))
+    g = mean_ci(list(values(cells, "grpo", "per_step_s").values()))
+    if d["n"] and g["mean"]:
+        lines.append(f"- Compute overhead (reviewers: never reported). CalibRL (token) minus GRPO, wall time per "
+                     f"optimizer step: {fmt_diff(d, 2)} s, n = {d['n']} ({100 * d['mean'] / g['mean']:+.0f}% of GRPO's "
+                     f"{g['mean']:.2f} s; paired runs ran side by side, under the same load).")
     return lines
 
 
@@ -437,13 +445,17 @@ def provenance(data: dict, cells: dict) -> list[str]:
         rows.append([label(cell), f"`{cell}`", "`" + ", ".join(f"{k}: {v}" for k, v in keys.items()) + extra + "`"])
     lines += table(["method", "cell (JSON file prefix)", "keys"], rows)
     shared = {k: grid.get(k) for k in ("sft", "train", "final_eval", "sft_grpo")}
-    lines += ["", "Shared settings (benchmarks/grid.yaml: `sft` = SFTArgs fields, `train` = CalibRLConfig + RunArgs "
+    lines += ["", "Shared settings as the runs used them (`sft` = SFTArgs fields, `train` = CalibRLConfig + RunArgs "
               f"fields; settings hash `{data['hash']}`):", "", "```yaml", yaml.safe_dump(shared, sort_keys=False).rstrip(),
               "```", ""]
+    if not data["quick"] and Path(data["grid_path"]).is_file():
+        text = Path(data["grid_path"]).read_text(encoding="utf-8").split("\nquick:")[0].rstrip()
+        lines += ["The grid file itself, with the reasons for each size in its comments:", "",
+                  "<details><summary>benchmarks/grid.yaml</summary>", "", "```yaml", text, "```", "", "</details>", ""]
     return lines
 
 
-def machine_section(data: dict) -> list[str]:
+def machine_section(data: dict, planned: int) -> list[str]:
     runs = data["runs"]
     lines = ["## Machine and cost", ""]
     if not runs:
@@ -461,7 +473,9 @@ def machine_section(data: dict) -> list[str]:
                  f"median, i.e. {_median(cpu) / nproc:.0f} s of the whole {nproc}-core machine; "
                  f"{_median(per_step):.2f} s wall per optimizer step median.")
     lines.append(f"- Finished runs in total: {sum(cpu) / 3600:.2f} CPU-hours = {sum(cpu) / nproc / 3600:.2f} h of the "
-                 f"whole machine ({sum(total) / 3600:.2f} h of run wall time).")
+                 f"whole machine ({sum(total) / 3600:.2f} h of run wall time). At the median CPU time per run, the "
+                 f"whole grid ({planned} runs) costs ≈ {planned * _median(cpu) / nproc / 3600:.1f} h of the machine "
+                 "(a cost estimate from the runs above; SFT → GRPO runs cost a little more).")
     busy = [r for r in runs if max(r["time"]["loadavg_start"][0], r["time"]["loadavg_end"][0])
             > r["machine"]["nproc"] + 0.5]
     lines.append(f"- The machine was shared with other work: {len(busy)} of {len(runs)} runs started or ended with "
@@ -487,7 +501,7 @@ def build_report(results_dir: str | os.PathLike, out_md: str | os.PathLike, fig_
     data = load(results_dir, grid_path)
     cells = by_cell(data["runs"])
     out_md, fig_dir = Path(out_md), Path(fig_dir)
-    head, _ = completeness(data)
+    head, counts = completeness(data)
     lines = ["# Results: the paper's table in miniature", ""] + head + [
         "",
         f"Generated by `python -m benchmarks.report` from `{_rel(results_dir)}/*.json` on "
@@ -513,7 +527,7 @@ def build_report(results_dir: str | os.PathLike, out_md: str | os.PathLike, fig_
         lines += ["(no finished runs to plot)", ""]
     lines += ["## Every run", "", "In-domain / out-of-domain accuracy (%) of each finished run.", ""]
     lines += seeds_table(data, cells) + [""]
-    lines += machine_section(data)
+    lines += machine_section(data, sum(c[1] for c in counts.values()))
     lines += provenance(data, cells)
     if data["stale"]:
         lines += ["## Left out", "", f"{len(data['stale'])} result files were made with other shared settings "
