@@ -26,32 +26,19 @@ from calibrl import CalibRLConfig, CalibRLTrainer  # noqa: E402
 from calibrl.models import load_tiny_model  # noqa: E402
 from conftest import digit_rows, hash_accuracy, hash_format  # noqa: E402
 from fakes import FakeVLLM  # noqa: E402
+import dist_worker  # noqa: E402
 
 GLOBAL_BATCH, GROUP, GRAD_ACC = 16, 4, 2
 
 
-class Recording(CalibRLTrainer):
-    """Records, per local row, what the expert path computed (read back by the test)."""
+class Recording(dist_worker.Recording):
+    """Records, per local row, what the expert path computed (tests/dist_worker.py), and can poison a step."""
 
-    records: list
     nan_step: int | None = None  # this optimizer step gets a NaN loss (the step must be skipped, not applied)
 
     def _compute_loss(self, model, inputs):
         loss = super()._compute_loss(model, inputs)
         return loss * float("nan") if self.state.global_step == self.nan_step else loss
-
-    def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
-        G = self.num_generations
-        for i, x in enumerate(inputs):
-            n = int(out["expert_mask"][i].sum())
-            self.records.append({
-                "step": self.state.global_step, "uid": x["uid"], "slot": i % G,
-                "advantage": out["advantages"][i].item(), "sign": out["pass_sign"][i].item(),
-                "expert_len": n, "expert_logp_sum": out["expert_logps"][i, :n].sum().item(),
-                "group_uids": sorted({inputs[(i // G) * G + j]["uid"] for j in range(G)}),
-            })
-        return out
 
 
 def build_trainer(model_dir: str, out_dir: str, world: int, steps: int = 2, fake_rollouts: bool = True,
