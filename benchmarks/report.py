@@ -172,8 +172,11 @@ def fmt_diff(d: dict, digits: int = 1) -> str:
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + [
-        "| " + " | ".join(r) + " |" for r in rows]
+    """A Markdown table; a `|` inside a cell is escaped."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return [line(header), "|" + "|".join("---" for _ in header) + "|"] + [line(r) for r in rows]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -344,7 +347,8 @@ def claims(data: dict, cells: dict) -> list[str]:
         d = paired(values(cells, a, name), values(cells, b, name))
         unit = "" if name == "entropy" else " points"
         what = {"test": "in-domain", "ood": "out-of-domain", "entropy": "final entropy"}[name]
-        measured = "no paired runs yet" if d["n"] == 0 else f"{fmt_diff(d, 3 if name == 'entropy' else 1)}{unit}, n = {d['n']}"
+        measured = ("no paired runs yet" if d["n"] == 0 else f"{fmt_diff(d, 3 if name == 'entropy' else 1)}{unit}"
+                    + (f", n = {d['n']}" if d["n"] > 1 else ""))
         lines.append(f"- {text} (paper: {paper}). {label(a)} vs {label(b)}, {what}: {measured}: "
                      f"**{verdict(d, sign)}**.")
     d = paired(values(cells, "calibrl_token", "per_step_s"), values(cells, "grpo", "per_step_s"))
@@ -444,15 +448,13 @@ def provenance(data: dict, cells: dict) -> list[str]:
         extra = ", sft_first: true" if spec is not None and spec.sft_first else ""
         rows.append([label(cell), f"`{cell}`", "`" + ", ".join(f"{k}: {v}" for k, v in keys.items()) + extra + "`"])
     lines += table(["method", "cell (JSON file prefix)", "keys"], rows)
-    shared = {k: grid.get(k) for k in ("sft", "train", "final_eval", "sft_grpo")}
-    lines += ["", "Shared settings as the runs used them (`sft` = SFTArgs fields, `train` = CalibRLConfig + RunArgs "
-              f"fields; settings hash `{data['hash']}`):", "", "```yaml", yaml.safe_dump(shared, sort_keys=False).rstrip(),
-              "```", ""]
-    if not data["quick"] and Path(data["grid_path"]).is_file():
-        text = Path(data["grid_path"]).read_text(encoding="utf-8").split("\nquick:")[0].rstrip()
-        lines += ["The grid file itself, with the reasons for each size in its comments:", "",
-                  "<details><summary>benchmarks/grid.yaml</summary>", "", "```yaml", text, "```", "", "</details>", ""]
-    return lines
+    lines += ["", f"Shared settings (`sft` = SFTArgs fields, `train` = CalibRLConfig + RunArgs fields; settings hash "
+              f"`{data['hash']}`, recorded in every run's JSON):", ""]
+    if data["quick"]:  # the quick section merged over the full grid: show the result
+        shared = {k: grid.get(k) for k in ("sft", "train", "final_eval", "sft_grpo")}
+        return lines + ["```yaml", yaml.safe_dump(shared, sort_keys=False).rstrip(), "```", ""]
+    text = Path(data["grid_path"]).read_text(encoding="utf-8").split("\nquick:")[0].rstrip()
+    return lines + ["```yaml", f"# {_rel(data['grid_path'])} (its quick: section left out)", text, "```", ""]
 
 
 def machine_section(data: dict, planned: int) -> list[str]:
