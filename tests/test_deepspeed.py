@@ -39,7 +39,7 @@ def launch_zero(stage: int, model_dir: str, out: str, extra: list[str]) -> dict:
            "--steps", str(STEPS), "--nan-step", str(NAN_STEP), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
     ranks = [json.load(open(os.path.join(out, f"records-{r}.json"))) for r in (0, 1)]
     return {
         "dir": out,
