@@ -240,7 +240,9 @@ class CalibRLTrainer(GRPOTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: optimizer steps skipped so far for non-finite gradients
-            logs["calibrl/skipped_steps"] = float(self.skipped_steps)
+            engine = getattr(self, "deepspeed", None) if self.is_deepspeed_enabled else None
+            # DeepSpeed skips a non-finite step itself, before our guarded step runs: count its skips too.
+            logs["calibrl/skipped_steps"] = float(self.skipped_steps + getattr(engine, "skipped_steps", 0))
         super().log(logs, start_time)
 
     def _log_sum(self, name: str, value: float) -> None:
@@ -448,7 +450,7 @@ class CalibRLTrainer(GRPOTrainer):
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             logps, entropies, _ = self._get_per_token_logps_and_entropies(
                 self.model, torch.cat([p_ids, e_ids], 1), torch.cat([p_mask, e_mask], 1), e_ids.size(1),
-                batch_size=self.args.per_device_train_batch_size, compute_entropy=True, num_images=num_images, **fwd,
+                batch_size=len(rows), compute_entropy=True, num_images=num_images, **fwd,
             )
         return logps.float(), entropies.float(), e_mask
 
@@ -458,8 +460,13 @@ class CalibRLTrainer(GRPOTrainer):
         groups = [g for g, ids in enumerate(plan) if ids is not None]
         B = len(inputs)
         has_expert = torch.zeros(B, device=device)
+        # Every process runs exactly one expert forward per generation batch, even one whose groups all lack
+        # an expert (a dummy one-token expert then): under ZeRO-3/FSDP a forward is a collective, and a
+        # process that skipped it would leave the others waiting forever.
+        rows = [g * G for g in groups] or [0]
+        ids = [plan[g] for g in groups] or [[self.eos_token_ids[0]]]
+        logps, ent, e_mask = self._expert_forward(inputs, rows, ids)
         if groups:
-            logps, ent, e_mask = self._expert_forward(inputs, [g * G for g in groups], [plan[g] for g in groups])
             T_e = logps.size(1)
             e_logps = torch.zeros(B, T_e, device=device)
             e_m = torch.zeros(B, T_e, dtype=torch.long, device=device)
