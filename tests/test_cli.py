@@ -211,6 +211,18 @@ def test_yaml_and_command_line_types_agree(tmp_path):
     assert config.learning_rate == 2e-4  # the command line wins
 
 
+def test_task_types_filter_train_and_test_but_not_ood():
+    from calibrl.recipes import UsageError, task_rows
+
+    rows = task_rows("task:digits", "test", 12, 0, difficulty=[1], task_types=["digits/sum"])
+    assert len(rows) == 12 and {r["task"] for r in rows} == {"digits/sum"}
+    assert task_rows("task:digits", "test", 12, 0, difficulty=[1], task_types=["digits/sum"]) == rows  # deterministic
+    ood = task_rows("task:digits", "ood", 6, 0, difficulty=[1], task_types=["digits/sum"])
+    assert {r["task"] for r in ood} == {"digits/product"}
+    with pytest.raises(UsageError, match="too few rows of task_types"):
+        task_rows("task:digits", "train", 4, 0, task_types=["digits/nope"])
+
+
 # ------------------------------------------------------------------ errors: one line, exit 2, no traceback
 def _one_line_error(capsys, argv: list[str], *expected: str) -> str:
     rc = cli.main(argv)

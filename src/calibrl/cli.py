@@ -246,6 +246,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task_seed", type=int, default=0, help="seed of the generated rows (the held-out rows of a "
                    "run with the same task_seed)")
     p.add_argument("--difficulty", type=int, nargs="+", default=None, help="difficulty levels of a task")
+    p.add_argument("--task_types", nargs="+", default=None, help="problem types kept in train/test (e.g. digits/sum)")
     p.add_argument("--k", type=int, nargs="+", default=[1], help="pass@k values (k > 1 samples at T=1)")
     p.add_argument("--num_samples", type=int, default=None, help="samples per row for pass@k (default: max k)")
     p.add_argument("--max_new_tokens", type=int, default=64)
@@ -268,7 +269,7 @@ def run_eval(ns: argparse.Namespace) -> int:
         if recipes.task_name(source) is not None:
             for split in ns.split:
                 rows += recipes.task_rows(source, split, ns.n or 200, ns.task_seed + 1000, "native", 0.0,
-                                          ns.difficulty)
+                                          ns.difficulty, ns.task_types)
         else:
             dataset, _ = recipes.load_data_file(source)
             file_rows = recipes.dataset_rows(dataset)

@@ -68,6 +68,8 @@ class RunArgs:
     noise_rate: float = field(default=0.3, metadata={"help": "Share of wrong experts with expert_style=noisy."})
     difficulty: list[int] | None = field(default=None, metadata={"help": "Difficulty levels (1-3) of a task: "
                                          "dataset; default all."})
+    task_types: list[str] | None = field(default=None, metadata={"help": "Keep only these problem types (e.g. "
+                                         "digits/sum) in the train and test splits of a task: dataset."})
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy_reward", "format_reward"],
                                     metadata={"help": f"Reward functions from calibrl.rewards: {REWARD_FUNCS}. "
                                     "With the default pair and no reward_weights, weights are [1.0, 0.1]."})
@@ -95,17 +97,15 @@ class RunArgs:
 # ----------------------------------------------------------------------------------------------------------
 # Config files
 # ----------------------------------------------------------------------------------------------------------
-class _Parser:
-    """`HfArgumentParser` whose errors raise `UsageError` (argparse would print usage and exit)."""
+def _make_parser(dataclass_types: list[type]):
+    """`HfArgumentParser` over the dataclasses, whose errors raise `UsageError` (argparse would exit)."""
+    from transformers import HfArgumentParser
 
-    def __new__(cls, dataclass_types):
-        from transformers import HfArgumentParser
+    class Parser(HfArgumentParser):
+        def error(self, message):  # argparse calls this on a bad value
+            raise UsageError(_argparse_message(message))
 
-        class Parser(HfArgumentParser):
-            def error(self, message):  # argparse calls this on a bad value
-                raise UsageError(_argparse_message(message))
-
-        return Parser(dataclass_types, allow_abbrev=False, add_help=False)
+    return Parser(dataclass_types, allow_abbrev=False, add_help=False)
 
 
 _BAD_VALUE = re.compile(r"^argument (--[\w.]+)(?:/--[\w.-]+)?: (.*)$", re.DOTALL)
@@ -177,7 +177,10 @@ def _yaml_tokens(values: dict, actions: dict[str, argparse.Action], source: str)
         for item in items:
             if isinstance(item, (dict, list)):
                 raise UsageError(f"{source}: {key}: expected {_type_name(action)}, got a nested {type(item).__name__}")
-        tokens += [f"--{key}"] + [_yaml_scalar(v) for v in items]
+        if many:
+            tokens += [f"--{key}"] + [_yaml_scalar(v) for v in items]
+        else:  # --key=value, so that a value starting with '-' is not read as an option
+            tokens.append(f"--{key}={_yaml_scalar(value)}")
     return tokens, direct
 
 
@@ -211,7 +214,7 @@ def parse_config(
     Raises `UsageError` naming the offending key on an unknown key, a badly typed value, or a value the
     dataclass itself rejects (its `__post_init__` check).
     """
-    parser = _Parser(dataclass_types)
+    parser = _make_parser(dataclass_types)
     actions = {a.dest: a for a in parser._actions if a.option_strings}
     tokens, direct = _yaml_tokens(preset or {}, actions, "defaults")
     if config_path is not None:
@@ -230,8 +233,12 @@ def parse_config(
         raise UsageError(f"unexpected argument {bad!r}: options take the form --key value")
     values = vars(namespace)
     option_dest = {opt: a.dest for a in parser._actions for opt in a.option_strings}
-    cli_given = {option_dest[t.split("=")[0]] for t in overrides if t.split("=")[0] in option_dest}
-    given = cli_given | {option_dest[t] for t in tokens if t in option_dest}
+
+    def dests(argv: list[str]) -> set[str]:
+        return {option_dest[t.split("=")[0]] for t in argv if t.startswith("--") and t.split("=")[0] in option_dest}
+
+    cli_given = dests(list(overrides))
+    given = cli_given | dests(tokens)
     for key, value in direct.items():  # None / mappings from the file, unless the command line set the key
         if key not in cli_given:
             values[key] = value
@@ -259,7 +266,7 @@ def _names(types: list[type]) -> str:
 
 def config_help(dataclass_types: list[type], prog: str, description: str) -> str:
     """The `--help` text of a config command: every field with its type, default and help."""
-    parser = _Parser(dataclass_types)
+    parser = _make_parser(dataclass_types)
     parser.prog = prog
     parser.usage = f"{prog} CONFIG.yaml [--key value ...]"
     parser.description = description
@@ -417,15 +424,35 @@ def task_name(spec: str) -> str | None:
 
 
 def task_rows(spec: str, split: str, n: int, seed: int, expert_style: str = "native", noise_rate: float = 0.3,
-              difficulty: list[int] | None = None) -> list[dict]:
-    """Rows of a `task:` dataset (dicts with PIL images)."""
+              difficulty: list[int] | None = None, task_types: list[str] | None = None) -> list[dict]:
+    """`n` rows of a `task:` dataset (dicts with PIL images).
+
+    `task_types` (e.g. `["digits/sum"]`) keeps only those problem types in the `train` and `test` splits:
+    rows are generated in growing batches (deterministic in `seed`) until `n` match. The `ood` split is
+    never filtered, since its problem types are held out by design.
+    """
     from calibrl.tasks import make_dataset
 
-    try:
-        return make_dataset(task_name(spec), split, n=n, seed=seed, expert_style=expert_style,
-                            noise_rate=noise_rate, difficulty=difficulty)
-    except ValueError as e:
-        raise UsageError(f"dataset {spec!r}: {e}") from None
+    def make(size: int) -> list[dict]:
+        try:
+            return make_dataset(task_name(spec), split, n=size, seed=seed, expert_style=expert_style,
+                                noise_rate=noise_rate, difficulty=difficulty)
+        except ValueError as e:
+            raise UsageError(f"dataset {spec!r}: {e}") from None
+
+    if not task_types or split == "ood":
+        return make(n)
+    wanted, size = set(task_types), 2 * n
+    while True:
+        rows = make(size)
+        kept = [r for r in rows if r["task"] in wanted]
+        if len(kept) >= n:
+            return kept[:n]
+        if not kept or size >= 64 * n:
+            found = sorted({r["task"] for r in rows})
+            raise UsageError(f"dataset {spec!r}: too few rows of task_types {sorted(wanted)} in split {split!r} "
+                             f"(types there: {found})")
+        size *= 2
 
 
 def load_data_file(path: str) -> tuple[Any, Any]:
@@ -449,7 +476,7 @@ def train_dataset(run: RunArgs):
     from calibrl.tasks import to_hf_dataset
 
     rows = task_rows(run.dataset, "train", run.n_train, run.task_seed, run.expert_style, run.noise_rate,
-                     run.difficulty)
+                     run.difficulty, run.task_types)
     return to_hf_dataset(rows), f"{run.dataset}: {len(rows)} train rows, {run.expert_style} experts"
 
 
@@ -465,7 +492,7 @@ def eval_sets(run: RunArgs, n: int | None = None, seed_offset: int = 1000) -> di
     if n > 0 and task_name(run.dataset) is not None:
         for split in run.eval_splits:
             sets[split] = task_rows(run.dataset, split, n, run.task_seed + seed_offset, "native", 0.0,
-                                    run.difficulty)
+                                    run.difficulty, run.task_types)
     for path in run.eval_data or []:
         dataset, _ = load_data_file(path)
         rows = dataset_rows(dataset)

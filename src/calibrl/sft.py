@@ -42,6 +42,7 @@ class SFTArgs:
     expert_style: str = field(default="native", metadata={"help": "Expert style of a task: dataset."})
     noise_rate: float = field(default=0.3, metadata={"help": "Share of wrong experts with expert_style=noisy."})
     difficulty: list[int] | None = field(default=None, metadata={"help": "Difficulty levels of a task: dataset."})
+    task_types: list[str] | None = field(default=None, metadata={"help": "Problem types kept (e.g. digits/sum)."})
     expert_column: str = field(default="solution", metadata={"help": "Column holding the target solution."})
     max_steps: int = field(default=300, metadata={"help": "Optimizer steps (upper bound with select_window)."})
     batch_size: int = field(default=32, metadata={"help": "Rows per step."})
@@ -131,11 +132,11 @@ def sft_rows(args: SFTArgs) -> tuple[list[dict], list[dict], str]:
     """(training rows, validation rows, description). Rows without a solution are an error."""
     if recipes.task_name(args.dataset) is not None:
         train = recipes.task_rows(args.dataset, "train", args.n_train, args.task_seed, args.expert_style,
-                                  args.noise_rate, args.difficulty)
+                                  args.noise_rate, args.difficulty, args.task_types)
         select = []
         if args.select_window is not None:
             select = recipes.task_rows(args.dataset, "train", args.n_select, args.task_seed + 1, "native", 0.0,
-                                       args.difficulty)
+                                       args.difficulty, args.task_types)
         return train, select, f"{args.dataset}: {len(train)} train rows, {args.expert_style} solutions"
     dataset, summary = recipes.load_data_file(args.dataset)
     rows = recipes.dataset_rows(dataset)
