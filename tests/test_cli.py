@@ -52,11 +52,26 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float = 240) -> str:
     return out
 
 
+def _build_nano_once(cache: Path) -> None:
+    from calibrl import recipes
+
+    old = os.environ.get("CALIBRL_CACHE")
+    os.environ["CALIBRL_CACHE"] = str(cache)
+    try:
+        recipes.tiny_model_dir("tiny:qwen2_5_vl:nano", seed=0)
+    finally:
+        if old is None:
+            del os.environ["CALIBRL_CACHE"]
+        else:
+            os.environ["CALIBRL_CACHE"] = old
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Start train, sft and demo --smoke together; yield their folders and (lazily awaited) outputs."""
     root = tmp_path_factory.mktemp("cli")
     cache = root / "cache"
+    _build_nano_once(cache)  # so the three processes below do not each build it
     (root / "train.yaml").write_text(yaml.safe_dump(TINY_TRAIN))
     (root / "sft.yaml").write_text(yaml.safe_dump(TINY_SFT))
     procs = {
@@ -147,21 +162,23 @@ def test_demo_smoke_and_plot_of_two_runs(runs):
         _not_blank(runs["root"] / p)
 
 
-def test_cached_warm_start_is_reused(tmp_path, monkeypatch):
-    from calibrl.demo import SMOKE, warm_start
+def test_cached_warm_start_is_reused(runs, monkeypatch):
+    """The demo process left its warm start in the cache: the same settings find it and train nothing."""
+    from calibrl.demo import SMOKE, warm_start, warm_start_dir
     from calibrl.recipes import parse_config
     from calibrl.sft import SFTArgs
 
-    monkeypatch.setenv("CALIBRL_CACHE", str(tmp_path))
-    config = tmp_path / "demo.yaml"
-    config.write_text(DEMO_YAML)
-    (args,) = parse_config([SFTArgs], config, SMOKE["sft"] + ["--max_steps", "2", "--disable_tqdm", "true"],
-                           section="sft")
-    first, _, cached = warm_start(args, quiet=True)
-    assert not cached
-    stamp = os.path.getmtime(Path(first) / "model.safetensors")
-    again, _, cached = warm_start(args, quiet=True)
-    assert cached and again == first and os.path.getmtime(Path(first) / "model.safetensors") == stamp
+    runs["output"]("demo")
+    monkeypatch.setenv("CALIBRL_CACHE", str(runs["cache"]))
+    config = runs["root"] / "demo_run" / "demo_config.yaml"
+    (args,) = parse_config([SFTArgs], config, SMOKE["sft"] + ["--disable_tqdm", "true"], section="sft")
+    [cached_dir] = runs["cache"].glob("sft-*")
+    stamp = os.path.getmtime(cached_dir / "model.safetensors")
+    found, summary, cached = warm_start(args, quiet=True)
+    assert cached and Path(found) == cached_dir and summary["chosen_step"] == 2
+    assert os.path.getmtime(cached_dir / "model.safetensors") == stamp
+    (other,) = parse_config([SFTArgs], config, SMOKE["sft"] + ["--learning_rate", "2e-3"], section="sft")
+    assert warm_start_dir(other) != warm_start_dir(args) == cached_dir  # other settings, another cache entry
 
 
 # ------------------------------------------------------------------ configs

@@ -123,14 +123,20 @@ def load_demo_config(path: str, smoke: bool = False, out_dir: str | None = None)
     return sft_args, config, run, demo_args
 
 
-def warm_start(sft_args, use_cache: bool = True, quiet: bool = False) -> tuple[str, dict, bool]:
-    """The SFT warm start for `sft_args`, from the cache when present: (model dir, summary, was cached)."""
+def warm_start_dir(sft_args) -> Path:
+    """The cache folder of a warm start: `sft-<hash of every setting that changes the model>`."""
     from calibrl import __version__
-    from calibrl.sft import run_sft
 
     settings = {k: v for k, v in asdict(sft_args).items() if k not in ("output_dir", "overwrite", "disable_tqdm")}
     settings["calibrl"] = __version__
-    out = recipes.cache_dir() / f"sft-{recipes.settings_hash(settings)}"
+    return recipes.cache_dir() / f"sft-{recipes.settings_hash(settings)}"
+
+
+def warm_start(sft_args, use_cache: bool = True, quiet: bool = False) -> tuple[str, dict, bool]:
+    """The SFT warm start for `sft_args`, from the cache when present: (model dir, summary, was cached)."""
+    from calibrl.sft import run_sft
+
+    out = warm_start_dir(sft_args)
     info = out / "sft.json"
     if use_cache and info.is_file() and (out / "config.json").is_file():
         summary = json.loads(info.read_text(encoding="utf-8"))["summary"]

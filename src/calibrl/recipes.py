@@ -359,6 +359,17 @@ def resolve_model_path(spec: str, seed: int = 0) -> str:
     return spec  # a hub id
 
 
+def _is_tiny_dir(path: str) -> bool:
+    """A saved model of a family `calibrl.models` builds, with its processor (tokenizer) files."""
+    from calibrl.models import FAMILIES
+
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config) or not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return False
+    with open(config, encoding="utf-8") as f:
+        return json.load(f).get("model_type") in FAMILIES
+
+
 def load_model(spec: str, seed: int = 0, model_init_kwargs: dict | str | None = None):
     """(model, processing_class) for a model spec; tiny specs build offline, others use `from_pretrained`."""
     from transformers.utils import logging as hf_logging
@@ -368,6 +379,10 @@ def load_model(spec: str, seed: int = 0, model_init_kwargs: dict | str | None = 
     hf_logging.disable_progress_bar()  # per-tensor loading bars: noise next to the training bar
     path = resolve_model_path(spec, seed)
     kwargs = dict(json.loads(model_init_kwargs) if isinstance(model_init_kwargs, str) else model_init_kwargs or {})
+    if not kwargs and _is_tiny_dir(path):  # our own tiny models load without importing TRL (~5 s)
+        from calibrl.models import load_tiny_model
+
+        return load_tiny_model(path)
     try:
         from trl.trainer.utils import create_model_from_path
 
