@@ -29,14 +29,13 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import pad
 
 from calibrl import losses
+from calibrl.data import IMAGE_PLACEHOLDERS  # never in expert ids: they break Qwen's rope index
 from calibrl.reward_guard import FAULT_KINDS, GuardedReward, RewardFaults
 
 METHODS = ("calibrl", "grpo", "dapo", "luffy", "rlplus")
 EXPERT_SLOT_METHODS = ("luffy", "rlplus")  # the expert occupies one slot of its group
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 PASS_SIGNS = ("accuracy", "reward_threshold")
-# Placeholder strings that must never reach expert token ids (they break Qwen's rope index).
-IMAGE_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<image>")
 
 
 @dataclass
@@ -511,7 +510,6 @@ class CalibRLTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         a = self.args
         train = self.model.training
-        mode = "train" if train else "eval"
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
