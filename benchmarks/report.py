@@ -162,13 +162,14 @@ def fmt_ci(c: dict, digits: int = 1) -> str:
     return f"{c['mean']:.{digits}f} ± {c['half']:.{digits}f}"
 
 
-def fmt_diff(d: dict, digits: int = 1) -> str:
+def fmt_diff(d: dict, digits: int = 1, unit: str = "") -> str:
     if d["n"] == 0:
         return "—"
     if d["half"] is None:
-        return f"{d['mean']:+.{digits}f} (n=1)"
+        return f"{d['mean']:+.{digits}f}{unit} (n=1)"
     p = "p = " + (f"{d['p']:.3f}" if d["p"] >= 0.001 else f"{d['p']:.1e}")
-    return f"{d['mean']:+.{digits}f} [{d['mean'] - d['half']:+.{digits}f}, {d['mean'] + d['half']:+.{digits}f}], {p}"
+    lo, hi = d["mean"] - d["half"], d["mean"] + d["half"]
+    return f"{d['mean']:+.{digits}f}{unit} [{lo:+.{digits}f}, {hi:+.{digits}f}], {p}"
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -347,7 +348,7 @@ def claims(data: dict, cells: dict) -> list[str]:
         d = paired(values(cells, a, name), values(cells, b, name))
         unit = "" if name == "entropy" else " points"
         what = {"test": "in-domain", "ood": "out-of-domain", "entropy": "final entropy"}[name]
-        measured = ("no paired runs yet" if d["n"] == 0 else f"{fmt_diff(d, 3 if name == 'entropy' else 1)}{unit}"
+        measured = ("no paired runs yet" if d["n"] == 0 else fmt_diff(d, 3 if name == "entropy" else 1, unit)
                     + (f", n = {d['n']}" if d["n"] > 1 else ""))
         lines.append(f"- {text} (paper: {paper}). {label(a)} vs {label(b)}, {what}: {measured}: "
                      f"**{verdict(d, sign)}**.")
@@ -355,7 +356,7 @@ def claims(data: dict, cells: dict) -> list[str]:
     g = mean_ci(list(values(cells, "grpo", "per_step_s").values()))
     if d["n"] and g["mean"]:
         lines.append(f"- Compute overhead (reviewers: never reported). CalibRL (token) minus GRPO, wall time per "
-                     f"optimizer step: {fmt_diff(d, 2)} s, n = {d['n']} ({100 * d['mean'] / g['mean']:+.0f}% of GRPO's "
+                     f"optimizer step: {fmt_diff(d, 2, ' s')}, n = {d['n']} ({100 * d['mean'] / g['mean']:+.0f}% of GRPO's "
                      f"{g['mean']:.2f} s; paired runs ran side by side, under the same load).")
     return lines
 
