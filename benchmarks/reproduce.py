@@ -11,7 +11,8 @@ from the same base model on the same data with the same budget, evaluated the sa
 
 One JSON file per run lands in `--out` (default benchmarks/results/, `<cell>__s<seed>.json`), written
 atomically when the run is complete, so an interrupted grid resumes where it stopped (runs whose JSON exists
-are skipped) and a grid can be split across sittings (`--only`, `--seeds`, `--shard`). `base.json` holds the
+with the current shared settings are skipped; one made with other settings is run again and replaced) and a
+grid can be split across sittings (`--only`, `--seeds`, `--shard`). `base.json` holds the
 base model's own held-out accuracy. Run folders (metrics.jsonl, eval.jsonl, run.json) go to `--work-dir`
 (default .cache/calibrl/bench/); the JSON keeps what the report needs, curves included.
 
@@ -193,6 +194,16 @@ def parse_shard(text: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------
 def result_path(results_dir: str | os.PathLike, spec: RunSpec) -> Path:
     return Path(results_dir) / f"{spec.run_id}.json"
+
+
+def _finished(path: Path, settings: str) -> bool:
+    """A run is done when its JSON exists and was made with the current shared settings."""
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("settings_hash") == settings
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def load_runs(results_dir: str | os.PathLike) -> list[dict]:
@@ -517,8 +528,13 @@ def main(argv: list[str] | None = None) -> int:
         "cell" not in only or any("+" in c for c in only["cell"]))
     base_cell = ablation_base(grid, results_dir, ns.ablation_base) if grid["ablations"] and wants_ablations else None
     runs = select_runs(grid_runs(grid, base_cell), only, ns.seeds, shard)
-    done = [r for r in runs if result_path(results_dir, r).is_file()]
+    h = settings_hash(grid)
+    done = [r for r in runs if _finished(result_path(results_dir, r), h)]
     todo = [r for r in runs if r not in done]
+    stale = [r for r in todo if result_path(results_dir, r).is_file()]
+    if stale:
+        print(f"{len(stale)} result files were made with other shared settings and will be replaced: "
+              + ", ".join(r.run_id for r in stale))
     if grid["ablations"] and wants_ablations and base_cell is None:
         print("ablations: not scheduled yet (ablation_base auto needs finished CalibRL runs of the main table; "
               "or pass --ablation-base CELL)")

@@ -57,6 +57,17 @@ def test_rerun_skips_finished_runs(quick, capsys):
     assert "0 to run" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (root / "results").glob("*.json")} == before
 
+    # a result made with other shared settings is not "done": it is scheduled again (and replaced)
+    copy = root / "results_stale"
+    shutil.copytree(root / "results", copy)
+    path = copy / "grpo__s1.json"
+    path.write_text(path.read_text(encoding="utf-8").replace('"settings_hash": "', '"settings_hash": "x'),
+                    encoding="utf-8")
+    listed = ["--quick", "--out", str(copy), "--work-dir", str(root / "work"), "--list"]
+    assert reproduce.main(listed) == 0
+    out = capsys.readouterr().out
+    assert "todo  main     grpo__s1" in out and "3 done, 1 to run" in out
+
 
 def test_report_tables_claims_and_figure(quick, tmp_path):
     root, _ = quick
