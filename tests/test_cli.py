@@ -329,3 +329,65 @@ def test_help(capsys, command):
     if command is None:
         for name in cli.COMMANDS:
             assert name in out
+
+
+# ------------------------------------------------------------------ bad data through `calibrl train`
+def _digit_file_rows(n: int) -> list[dict]:
+    from conftest import digit_rows
+
+    return digit_rows(n)
+
+
+def test_error_bad_rows_of_every_kind_through_train(capsys, tmp_path, tiny_yaml):
+    """Unreadable/truncated image bytes, mismatched placeholders, non-UTF-8 text, an empty file: one line each."""
+    from calibrl.data import save_rows
+
+    def train(path, *expected):
+        capsys.readouterr()  # drop the progress bars of writing the file
+        _one_line_error(capsys, ["train", str(tiny_yaml), "--dataset", str(path), "--output_dir",
+                                 str(tmp_path / f"out_{path.stem}")], *expected)
+
+    rows = _digit_file_rows(3)
+    save_rows(rows, tmp_path / "truncated.jsonl")  # images become PNG files next to the jsonl
+    png = sorted((tmp_path / "truncated_images").glob("*.png"))[1]
+    png.write_bytes(png.read_bytes()[:-30])  # the second row's image loses its end
+    train(tmp_path / "truncated.jsonl", "row 1, column 'images'", "not a readable image", "truncated.jsonl")
+
+    verl = [{"prompt": "<image><image>What is the sum?", "images": [r["images"][0]], "answer": r["answer"]}
+            for r in rows]
+    save_rows(verl, tmp_path / "placeholders.parquet")
+    train(tmp_path / "placeholders.parquet", "3 bad rows", "row 0, column 'images'", "1 images but the prompt has 2")
+
+    lines = [json.dumps({"prompt": "What is 1+1?", "answer": "2"}).encode(), b'{"prompt": "caf\xe9?", "answer": "2"}']
+    (tmp_path / "latin1.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    train(tmp_path / "latin1.jsonl", "row 1, column 'prompt'", "not valid UTF-8")
+
+    (tmp_path / "empty.jsonl").write_text("")
+    train(tmp_path / "empty.jsonl", "has no rows")
+
+
+def test_messy_data_trains_and_the_run_summary_counts_it(capsys, tmp_path, tiny_yaml):
+    """A missing expert, an expert with an image placeholder and one longer than the completion limit train
+    (the first as plain GRPO, the others cleaned / truncated), and the run's summary and run.json count each."""
+    from calibrl.data import save_rows
+
+    rows = _digit_file_rows(4)  # 4 prompts, 2 per step, 2 steps: one epoch, every row seen once
+    rows[0]["solution"] = None
+    rows[1]["solution"] = "<image><answer>7</answer>"  # short, as row 3
+    rows[2]["solution"] = "<think>" + "1 + " * 40 + "</think><answer>41</answer>"  # far over 24 tokens
+    rows[3]["solution"] = "<answer>7</answer>"
+    save_rows(rows, tmp_path / "messy.jsonl")
+    capsys.readouterr()
+    out = tmp_path / "messy_run"
+    rc = cli.main(["train", str(tiny_yaml), "--dataset", str(tmp_path / "messy.jsonl"), "--output_dir", str(out),
+                   "--max_completion_length", "24", "--eval_every", "0", "--n_eval", "0", "--disable_tqdm", "true"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    info = json.loads((out / "run.json").read_text())
+    assert "1 without expert solution" in info["data"] and "1 with image placeholders stripped" in info["data"]
+    counts = info["counts"]
+    assert counts["expert_groups"] == 4 and counts["expert_missing"] == 1
+    assert counts["expert_truncated"] == 1 and counts["expert_stripped"] == 0  # stripped at load, as counted above
+    assert counts["reward_errors"] == 0 and counts["skipped_steps"] == 0
+    assert "1 without expert solution" in printed
+    assert "experts missing 1, truncated 1" in printed and "(of 4 groups)" in printed

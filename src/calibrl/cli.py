@@ -137,6 +137,7 @@ def build_trainer(config, run, callbacks_dir: str | None = None, quiet: bool = F
     trainer = CalibRLTrainer(model=model, reward_funcs=rewards, args=config, train_dataset=dataset,
                              processing_class=processing_class, callbacks=callbacks,
                              peft_config=recipes.lora_config(run))
+    trainer.calibrl_data_description = description  # for the run summary
     if not config.disable_tqdm:
         from transformers.trainer_callback import ProgressCallback
 
@@ -171,6 +172,16 @@ def train_summary(run_dir: str) -> str:
     wall = run["info"].get("wall_time_s")
     if wall is not None:
         lines.append(f"{'training time':<36}{wall:.1f} s ({run['info'].get('global_step')} steps)")
+    if run["info"].get("data"):
+        lines.append(f"data: {run['info']['data']}")
+    counts = run["info"].get("counts")
+    if counts:
+        n = lambda key: int(round(counts.get(key, 0)))  # noqa: E731
+        lines.append(f"faults: rewards raised {n('reward_errors')}, non-finite {n('reward_nonfinite')}, "
+                     f"timed out {n('reward_timeouts')}, None {n('reward_none')}; experts missing "
+                     f"{n('expert_missing')}, truncated {n('expert_truncated')}, placeholders stripped "
+                     f"{n('expert_stripped')} (of {n('expert_groups')} groups); optimizer steps skipped "
+                     f"{n('skipped_steps')}")
     return "\n".join(lines)
 
 
@@ -201,6 +212,9 @@ def run_train(config_path: str | None, overrides: list[str]) -> int:
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(os.path.join(run_dir, "model"))
     if main:
+        counts = dict(trainer.run_counts, skipped_steps=trainer.skipped_steps + getattr(
+            getattr(trainer, "deepspeed", None), "skipped_steps", 0))
+        write_run_info(run_dir, data=trainer.calibrl_data_description, counts=counts)
         _plot_and_report(run_dir)
     return 0
 

@@ -140,6 +140,9 @@ class CalibRLTrainer(GRPOTrainer):
                 for f in funcs
             ]
         self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients
+        # Run totals of what went wrong, summed over processes, since this process started (the run summary
+        # reports them): reward faults per kind, and experts missing / truncated / stripped per group.
+        self.run_counts: dict[str, float] = {}
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
         a = self.args
         if a.use_liger_kernel:
@@ -245,10 +248,18 @@ class CalibRLTrainer(GRPOTrainer):
         super().log(logs, start_time)
 
     def _log_sum(self, name: str, value: float) -> None:
-        """Log a count summed over processes."""
+        """Log a count summed over processes (and add it to the run totals)."""
         mode = "train" if self.model.training else "eval"
-        total = self.accelerator.reduce(torch.tensor(float(value), device=self.accelerator.device), reduction="sum")
-        self._metrics[mode][name].append(total.item())
+        total = self._count({name.removeprefix("calibrl/"): value})[0]
+        self._metrics[mode][name].append(total)
+
+    def _count(self, counts: dict[str, float]) -> list[float]:
+        """Sum `counts` over processes (one collective) into `run_counts`; return the summed values."""
+        local = torch.tensor([float(v) for v in counts.values()], device=self.accelerator.device)
+        totals = self.accelerator.reduce(local, reduction="sum").tolist()
+        for name, total in zip(counts, totals):
+            self.run_counts[name] = self.run_counts.get(name, 0.0) + total
+        return totals
 
     def _log(self, name: str, value: float | torch.Tensor, count: float = 1.0) -> None:
         """Log a metric averaged over processes, weighted by `count` (e.g. the number of tokens it covers)."""
@@ -398,6 +409,7 @@ class CalibRLTrainer(GRPOTrainer):
         if active:
             for k, v in counts.items():
                 self._log(f"calibrl/expert_{k}", v / max(1, len(plan)), count=len(plan))
+            self._count({f"expert_{k}": v for k, v in counts.items()} | {"expert_groups": len(plan)})
         if active and a.method == "calibrl":
             self._add_expert_logps(inputs, plan, output)
         return output
