@@ -53,13 +53,13 @@ sft:                                  # warm start on the short `native` expert 
 
 train:                                # RL from the warm start (the model is filled in by the demo)
   dataset: task:digits
-  n_train: 2048                       # 80 steps x 16 prompts = 1280 prompts
+  n_train: 2048                       # 60 steps x 16 prompts = 960 prompts
   task_seed: 0
   difficulty: [1]
   task_types: [digits/sum]
   expert_style: mismatched            # the expert's wording differs from the policy's, as in the paper
   method: calibrl
-  max_steps: 80
+  max_steps: 60                       # 80 took the whole demo to 576 s of the 10-minute budget on an idle machine
   per_device_train_batch_size: 128    # 16 prompts x 8 rollouts per step
   num_generations: 8
   max_completion_length: 48
