@@ -313,6 +313,11 @@ def test_error_other_commands(capsys, tmp_path):
     _one_line_error(capsys, ["eval", "tiny:nope:nano", "--data", "task:digits"], "tiny:<family>:<size>")
     _one_line_error(capsys, ["eval", "tiny:qwen2_5_vl:nano", "--data", "task:chess"], "unknown task 'chess'")
     _one_line_error(capsys, ["frobnicate"], "invalid choice")
+    adapter = tmp_path / "adapter"  # a LoRA run's model folder whose base model is gone
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/nonexistent/base"}))
+    _one_line_error(capsys, ["eval", str(adapter), "--data", "task:digits"], "its base model cannot be loaded",
+                    "/nonexistent/base")
 
 
 @pytest.mark.parametrize("command", [None, "train", "sft", "eval", "plot", "demo"])

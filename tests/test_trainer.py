@@ -245,3 +245,17 @@ def test_calibrl_with_a_lora_adapter(tiny_vlm_dir, tmp_path):
     changed = [n for n, p in tr.model.named_parameters() if not torch.equal(before[n], p.detach())]
     assert changed and all("lora_" in n for n in changed)  # only the adapter moved
     assert any(h.get("calibrl/guide_loss", 0) != 0 for h in tr.state.log_history)
+
+    # the run saves only the adapter; `calibrl eval` / load_model reload it merged into its base model
+    from calibrl.recipes import load_model
+
+    tr.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    merged, merged_proc = load_model(str(tmp_path / "adapter"))
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    batch = proc(text=["What is 2 + 3?"], return_tensors="pt")
+    tr.model.eval()
+    with torch.no_grad():
+        want, got = tr.model(**batch).logits, merged.eval()(**merged_proc(text=["What is 2 + 3?"], return_tensors="pt")).logits
+    base_logits = load_tiny_model(tiny_vlm_dir)[0].eval()(**batch).logits.detach()
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, base_logits, atol=1e-5)

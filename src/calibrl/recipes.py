@@ -351,7 +351,7 @@ def resolve_model_path(spec: str, seed: int = 0) -> str:
     if spec.startswith(TINY_PREFIX):
         return tiny_model_dir(spec, seed)
     if os.path.isdir(spec):
-        if not os.path.isfile(os.path.join(spec, "config.json")):
+        if not any(os.path.isfile(os.path.join(spec, f)) for f in ("config.json", "adapter_config.json")):
             raise UsageError(f"model folder {spec} has no config.json")
         return spec
     if os.path.exists(spec) or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
@@ -379,6 +379,8 @@ def load_model(spec: str, seed: int = 0, model_init_kwargs: dict | str | None = 
     hf_logging.disable_progress_bar()  # per-tensor loading bars: noise next to the training bar
     path = resolve_model_path(spec, seed)
     kwargs = dict(json.loads(model_init_kwargs) if isinstance(model_init_kwargs, str) else model_init_kwargs or {})
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):  # a LoRA run saves only its adapter
+        return _load_adapter(path, seed, kwargs)
     if not kwargs and _is_tiny_dir(path):  # our own tiny models load without importing TRL (~5 s)
         from calibrl.models import load_tiny_model
 
@@ -395,6 +397,22 @@ def load_model(spec: str, seed: int = 0, model_init_kwargs: dict | str | None = 
             processing_class = AutoProcessor.from_pretrained(path)
     except OSError as e:
         raise UsageError(f"could not load model {spec!r}: {' '.join(str(e).split())[:300]}") from None
+    return model, processing_class
+
+
+def _load_adapter(path: str, seed: int, kwargs: dict):
+    """A peft adapter folder: its base model (named in adapter_config.json) with the adapter merged in."""
+    from peft import PeftModel
+
+    with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise UsageError(f"adapter {path} does not name its base model (base_model_name_or_path)")
+    try:
+        model, processing_class = load_model(base, seed, kwargs or None)
+    except UsageError as e:
+        raise UsageError(f"adapter {path}: its base model cannot be loaded ({e})") from None
+    model = PeftModel.from_pretrained(model, path).merge_and_unload()
     return model, processing_class
 
 
