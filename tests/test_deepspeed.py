@@ -149,6 +149,9 @@ def test_zero_skips_the_nan_step_like_the_plain_run(zero, reference):
     assert reference["skipped_steps"] == 1
     assert not torch.isfinite(torch.tensor(run["logs"][NAN_STEP]["grad_norm"]))
     assert all(torch.isfinite(p).all() for p in run["params"].values())
+    # the skip is counted in the logs as in the plain run, though DeepSpeed made it, not our guard
+    assert [h["calibrl/skipped_steps"] for h in run["logs"]] == [h["calibrl/skipped_steps"] for h in reference["logs"]]
+    assert run["logs"][-1]["calibrl/skipped_steps"] == 1
 
 
 def test_zero3_resumes_from_its_checkpoint_exactly(zero_runs):

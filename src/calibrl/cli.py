@@ -212,8 +212,7 @@ def run_train(config_path: str | None, overrides: list[str]) -> int:
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(os.path.join(run_dir, "model"))
     if main:
-        counts = dict(trainer.run_counts, skipped_steps=trainer.skipped_steps + getattr(
-            getattr(trainer, "deepspeed", None), "skipped_steps", 0))
+        counts = dict(trainer.run_counts, skipped_steps=trainer.all_skipped_steps)
         write_run_info(run_dir, data=trainer.calibrl_data_description, counts=counts)
         _plot_and_report(run_dir)
     return 0

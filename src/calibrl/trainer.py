@@ -240,11 +240,16 @@ class CalibRLTrainer(GRPOTrainer):
             raise RuntimeError(f"checkpoint {resume_from_checkpoint} does not match the model: missing "
                                f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
 
+    @property
+    def all_skipped_steps(self) -> int:
+        """Optimizer steps skipped so far for non-finite gradients: ours, and DeepSpeed's own (it skips a
+        non-finite step itself, before our guarded step runs)."""
+        engine = getattr(self, "deepspeed", None) if self.is_deepspeed_enabled else None
+        return self.skipped_steps + getattr(engine, "skipped_steps", 0)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log: optimizer steps skipped so far for non-finite gradients
-            engine = getattr(self, "deepspeed", None) if self.is_deepspeed_enabled else None
-            # DeepSpeed skips a non-finite step itself, before our guarded step runs: count its skips too.
-            logs["calibrl/skipped_steps"] = float(self.skipped_steps + getattr(engine, "skipped_steps", 0))
+        if "loss" in logs:  # a training log
+            logs["calibrl/skipped_steps"] = float(self.all_skipped_steps)
         super().log(logs, start_time)
 
     def _log_sum(self, name: str, value: float) -> None:
