@@ -255,14 +255,14 @@ class CalibRLTrainer(GRPOTrainer):
     def _log_sum(self, name: str, value: float) -> None:
         """Log a count summed over processes (and add it to the run totals)."""
         mode = "train" if self.model.training else "eval"
-        total = self._count({name.removeprefix("calibrl/"): value})[0]
-        self._metrics[mode][name].append(total)
+        key = name.removeprefix("calibrl/")
+        self._metrics[mode][name].append(self._count({key: value})[key])
 
-    def _count(self, counts: dict[str, float]) -> list[float]:
-        """Sum `counts` over processes (one collective) into `run_counts`; return the summed values."""
+    def _count(self, counts: dict[str, float]) -> dict[str, float]:
+        """Sum `counts` over processes (one collective) into `run_counts`; return this batch's sums."""
         local = torch.tensor([float(v) for v in counts.values()], device=self.accelerator.device)
-        totals = self.accelerator.reduce(local, reduction="sum").tolist()
-        for name, total in zip(counts, totals):
+        totals = dict(zip(counts, self.accelerator.reduce(local, reduction="sum").tolist()))
+        for name, total in totals.items():
             self.run_counts[name] = self.run_counts.get(name, 0.0) + total
         return totals
 
@@ -411,10 +411,11 @@ class CalibRLTrainer(GRPOTrainer):
         output["pass_sign"] = sign_all[local].to(torch.float32)
         output["is_expert"] = is_expert.long()
 
-        if active:
-            for k, v in counts.items():
-                self._log(f"calibrl/expert_{k}", v / max(1, len(plan)), count=len(plan))
-            self._count({f"expert_{k}": v for k, v in counts.items()} | {"expert_groups": len(plan)})
+        if active:  # one collective gives both the run totals and this batch's shares over all groups
+            sums = self._count({f"expert_{k}": v for k, v in counts.items()} | {"expert_groups": len(plan)})
+            mode = "train" if self.model.training else "eval"
+            for k in counts:
+                self._metrics[mode][f"calibrl/expert_{k}"].append(sums[f"expert_{k}"] / max(1.0, sums["expert_groups"]))
         if active and a.method == "calibrl":
             self._add_expert_logps(inputs, plan, output)
         return output
