@@ -47,7 +47,18 @@ LABELS = {
 }
 ABLATION_LABELS = {
     "guide_coef=0.01": "λ = 0.01", "guide_coef=0.3": "λ = 0.3", "leaky_slope=0.3": "α = 0.3",
-    "leaky_slope=0.8": "α = 0.8", "no_abs_adv": "no |A| weighting", "noisy_expert": "noisy expert (30% wrong)",
+    "leaky_slope=0.8": "α = 0.8", "no_abs_adv": "no |A| weighting", "noisy_expert": "noisy expert (noise_rate 0.3)",
+}
+
+
+ABLATION_CLAIMS = {  # ablation -> (the paper's claim: the cell beats the cell with this ablation, paper's figure)
+    "no_abs_adv": ("|A| weighting helps (base beats no |A| weighting)", "−5.3 without"),
+    "leaky_slope=0.3": ("α = 0.5 beats α = 0.3", "0.5 best"),
+    "leaky_slope=0.8": ("α = 0.5 beats α = 0.8", "0.5 best"),
+    "guide_coef=0.01": ("λ = 0.1 beats λ = 0.01", "0.1 best"),
+    "guide_coef=0.3": ("λ = 0.1 beats λ = 0.3", "0.1 best"),
+    "noisy_expert": ("A weaker (noisy) expert shrinks the gain (correct expert beats noisy expert)",
+                     "weaker expert: smaller gain"),
 }
 
 
@@ -83,8 +94,8 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict:
     diffs = [a[s] - b[s] for s in seeds]
     out = {**mean_ci(diffs), "seeds": seeds, "p": None}
     if len(diffs) >= 2:
-        if out["sd"] == 0:
-            out["p"] = 0.0 if out["mean"] != 0 else 1.0
+        if out["sd"] < 1e-9:  # no spread (float noise included): the t-test is undefined
+            out["p"] = None if abs(out["mean"]) > 1e-9 else 1.0
         else:
             out["p"] = float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
     return out
@@ -94,7 +105,9 @@ def verdict(d: dict, expected: int) -> str:
     """`expected` +1 (a > b claimed), -1 (a < b) or 0 (no difference claimed)."""
     if d["n"] < 2:
         return "not testable yet" + (f" (1 paired seed)" if d["n"] == 1 else " (no paired seeds)")
-    significant = d["p"] is not None and d["p"] < ALPHA
+    if d["p"] is None:
+        return "not testable (the same difference on every seed: no spread to test against)"
+    significant = d["p"] < ALPHA
     if expected == 0:
         return "consistent (no significant difference)" if not significant else "does not hold (significant difference)"
     if not significant:
@@ -118,13 +131,18 @@ def load(results_dir: str | os.PathLike, grid_path: str | os.PathLike) -> dict:
     stale = [r for r in all_runs if r["settings_hash"] != h]
     if base is not None and base.get("settings_hash") != h:
         base = None
-    bases = Counter(r["ablation_of"] for r in runs if r["group"] == "ablation" and r.get("ablation_of"))
+    bases = Counter(r["ablation_of"] for r in runs if r["group"] == "ablation" and r.get("ablation_of")
+                    and r["ablation_of"] not in grid["ablations_also_on"])
     abl_base = None
     if grid["ablations"]:
         abl_base = bases.most_common(1)[0][0] if bases else reproduce.ablation_base(grid, results_dir)
     expected = reproduce.grid_runs(grid, abl_base)
+    experts_path = results_dir / reproduce.EXPERTS_FILE
+    experts = json.loads(experts_path.read_text(encoding="utf-8")) if experts_path.is_file() else None
+    if experts is not None and experts.get("settings_hash") != h:
+        experts = None
     return {"grid": grid, "grid_path": str(grid_path), "hash": h, "base": base, "runs": runs, "stale": stale,
-            "ablation_base": abl_base,
+            "ablation_base": abl_base, "experts": experts,
             "expected": expected, "quick": quick}
 
 
@@ -167,6 +185,9 @@ def fmt_diff(d: dict, digits: int = 1, unit: str = "") -> str:
         return "—"
     if d["half"] is None:
         return f"{d['mean']:+.{digits}f}{unit} (n=1)"
+    if d["sd"] < 1e-9:
+        return (f"identical on every seed (n = {d['n']})" if d["p"] == 1.0
+                else f"{d['mean']:+.{digits}f}{unit} on every seed (n = {d['n']}; no spread, no test)")
     p = "p = " + (f"{d['p']:.3f}" if d["p"] >= 0.001 else f"{d['p']:.1e}")
     lo, hi = d["mean"] - d["half"], d["mean"] + d["half"]
     return f"{d['mean']:+.{digits}f}{unit} [{lo:+.{digits}f}, {hi:+.{digits}f}], {p}"
@@ -190,7 +211,8 @@ def completeness(data: dict) -> tuple[list[str], dict]:
         exp = [r for r in data["expected"] if r.group == group]
         counts[group] = (sum((r.cell, r.seed) in have for r in exp), len(exp))
     grid = data["grid"]
-    n_abl_planned = len(grid["ablations"]) * len(grid["seeds"].get("ablation", []))
+    n_abl_planned = (len(grid["ablations"]) + sum(map(len, grid["ablations_also_on"].values()))) * len(
+        grid["seeds"].get("ablation", []))
     if data["ablation_base"] is None and n_abl_planned:
         counts["ablation"] = (0, n_abl_planned)
     done = sum(c[0] for c in counts.values())
@@ -306,6 +328,77 @@ def ablation_table(data: dict, cells: dict) -> list[str]:
             "seeds both have.", ""] + table(header, rows)
 
 
+def also_on_table(data: dict, cells: dict) -> list[str]:
+    """`ablations_also_on`: an ablation repeated on another CalibRL cell, paired with that cell's own runs."""
+    grid = data["grid"]
+    pairs = [(c, n) for c, names in grid["ablations_also_on"].items() if c != data["ablation_base"] for n in names]
+    if not pairs:
+        return []
+    n_seeds = len(grid["seeds"].get("ablation", []))
+    header = ["variant", "seeds", "in-domain %", "Δ in-domain vs its cell", "out-of-domain %", "Δ ood vs its cell",
+              "final entropy"]
+    rows = []
+    for cell, name in pairs:
+        abl = f"{cell}+{name}"
+        test, ood = values(cells, abl, "test"), values(cells, abl, "ood")
+        seeds = set(test)  # the cell's own runs on the same seeds, for the like-for-like line
+        c_test = {s: v for s, v in values(cells, cell, "test").items() if s in seeds}
+        c_ood = {s: v for s, v in values(cells, cell, "ood").items() if s in seeds}
+        c_ent = [v for s, v in values(cells, cell, "entropy").items() if s in seeds]
+        rows.append([f"{label(cell)} (its own runs, same seeds)", f"{len(c_test)}/{n_seeds}",
+                     fmt_ci(mean_ci(list(c_test.values()))), "(reference)", fmt_ci(mean_ci(list(c_ood.values()))),
+                     "(reference)", fmt_ci(mean_ci(c_ent), 3)])
+        rows.append([f"{label(cell)}: {ABLATION_LABELS.get(name, name)}", f"{len(test)}/{n_seeds}",
+                     fmt_ci(mean_ci(list(test.values()))), fmt_diff(paired(test, c_test)),
+                     fmt_ci(mean_ci(list(ood.values()))), fmt_diff(paired(ood, c_ood)),
+                     fmt_ci(mean_ci(list(values(cells, abl, "entropy").values())), 3)])
+    return ["### The same ablation on another CalibRL cell", "",
+            "Repeated where the base's own gap could hide it (grid `ablations_also_on`; see the next section).", ""
+            ] + table(header, rows) + [""]
+
+
+def noisy_expert_reading(data: dict, cells: dict) -> list[str]:
+    """Why a noisy expert may not reach the token gap: where its tokens differ (experts.json), how long the
+    policy's completions are (run curves), and on how many seeds the ablation left the result unchanged."""
+    facts, base = data["experts"], data["ablation_base"]
+    noisy = [n for n, k in data["grid"]["ablations"].items() if (k or {}).get("expert_style") == "noisy"]
+    if not facts or not noisy or not facts.get("first_diff_token"):
+        return []
+    fd, el, nl = facts["first_diff_token"], facts["expert_tokens"], facts["native_tokens"]
+    lines = ["### Where the noisy expert differs, and what each gap sees", "",
+             f"- Training rows: {facts['noisy_rows']} of {facts['rows']} noisy expert solutions "
+             f"({100 * facts['noisy_rows'] / facts['rows']:.1f}%) reach a wrong value. "
+             f"In the base model's tokens a noisy solution first differs from the correct one at token {fd['min']}–"
+             f"{fd['max']} (median {fd['median']}) of a {el['min']}–{el['max']}-token expert (`{facts['expert_style']}` "
+             f"wording); the `native` wording the policy was warm-started on is {nl['min']}–{nl['max']} tokens."]
+    mean_len = [v for r in data["runs"] for _, v in r["curves"].get("completion_mean_length", [])]
+    max_len = [v for r in data["runs"] for _, v in r["curves"].get("completion_max_length", [])]
+    if mean_len:
+        reach = sum(v > fd["min"] for v in max_len)
+        lines.append(f"- The policy's completions during RL: {sum(mean_len) / len(mean_len):.1f} tokens on average; "
+                     f"in {reach} of {len(max_len)} logged steps at least one completion of the batch was longer "
+                     f"than {fd['min']} tokens ({len({r['run_id'] for r in data['runs'] if r['curves'].get('completion_max_length')})} "
+                     "runs log completion lengths).")
+    lines.append("- The token gap (official code) compares token t of a sample with token t of its group's expert, for "
+                 "t below the sample's length, and its gradient, −s·|A|·w·∇log π(y_t), depends on the expert only "
+                 "through which LeakyReLU slope w ∈ {1, α} a token gets (tests/test_losses.py checks both). A noisy "
+                 "expert therefore changes the update only through completions that reach its wrong tokens, and "
+                 "only where the changed baseline flips a slope. The sequence gap sums the expert's whole "
+                 "log-likelihood, so the wrong answer always moves it.")
+    for name in noisy:
+        for cell in [base] + [c for c, names in data["grid"]["ablations_also_on"].items() if name in names]:
+            abl = f"{cell}+{name}"
+            seeds = sorted(set(cells.get(cell, {})) & set(cells.get(abl, {})))
+            if not seeds:
+                continue
+            same = [s for s in seeds if all(metric(cells[cell][s], m) == metric(cells[abl][s], m)
+                                            for m in ("test", "ood"))]
+            lines.append(f"- Measured, {label(cell)}: with the noisy expert, both final accuracies are identical to "
+                         f"the correct expert's on {len(same)} of {len(seeds)} paired seeds"
+                         + (f" (seeds {', '.join(map(str, same))})." if same else "."))
+    return lines + [""]
+
+
 def claims(data: dict, cells: dict) -> list[str]:
     """The paper's claims (METHOD.md §7), each checked against the paired differences measured here."""
     base = data["ablation_base"]
@@ -329,16 +422,14 @@ def claims(data: dict, cells: dict) -> list[str]:
         ("The expert's content matters (token gap beats the constant-baseline control)", "calibrl_token",
          "calibrl_constant", "test", 1, "reviewers' question; no figure"),
     ]
-    if base is not None:
-        checks += [
-            ("|A| weighting helps (base beats no |A| weighting)", base, f"{base}+no_abs_adv", "test", 1, "−5.3 without"),
-            ("α = 0.5 beats α = 0.3", base, f"{base}+leaky_slope=0.3", "test", 1, "0.5 best"),
-            ("α = 0.5 beats α = 0.8", base, f"{base}+leaky_slope=0.8", "test", 1, "0.5 best"),
-            ("λ = 0.1 beats λ = 0.01", base, f"{base}+guide_coef=0.01", "test", 1, "0.1 best"),
-            ("λ = 0.1 beats λ = 0.3", base, f"{base}+guide_coef=0.3", "test", 1, "0.1 best"),
-            ("A weaker (noisy) expert shrinks the gain (correct expert beats noisy expert)", base,
-             f"{base}+noisy_expert", "test", 1, "weaker expert: smaller gain"),
-        ]
+    pairs = [(base, name) for name in data["grid"]["ablations"]] if base is not None else []
+    pairs += [(cell, name) for cell, names in data["grid"]["ablations_also_on"].items() if cell != base
+              for name in names]
+    for cell, name in pairs:
+        if name in ABLATION_CLAIMS:
+            text, paper = ABLATION_CLAIMS[name]
+            checks.append((text if cell == base else f"{text}, on {label(cell)}", cell, f"{cell}+{name}", "test", 1,
+                           paper))
     lines = ["Each line: the claim, the paper's figure, the paired difference measured here (a − b, in points "
              "for accuracy, nats for entropy; mean [95% CI], paired t-test p, number of paired seeds) and the "
              f"verdict at p < {ALPHA}: **holds** (significant, in the claimed direction), **not significant**, "
@@ -410,12 +501,14 @@ def figures(data: dict, cells: dict, fig_dir: Path) -> list[tuple[str, str]]:
         "calibrl_variants": ["grpo"] + variants,
         "ablations": ([data["ablation_base"]] + [f"{data['ablation_base']}+{a}" for a in data["grid"]["ablations"]]
                       if data["ablation_base"] else []),
+        "ablations_also_on": [c for cell, names in data["grid"]["ablations_also_on"].items()
+                              for c in [cell] + [f"{cell}+{n}" for n in names]],
     }
     written = []
     with tempfile.TemporaryDirectory(prefix="calibrl-report-") as tmp:
         for family, members in families.items():
             groups = {label(c): [_run_folder(r, Path(tmp)) for r in cells[c].values()] for c in members if c in cells}
-            if len(groups) < (2 if family == "ablations" else 1):
+            if len(groups) < (2 if family.startswith("ablations") else 1):
                 continue
             for metric_name, source, split, what, smooth in (
                     ("accuracy", "eval", "test", "held-out in-domain accuracy", 1),
@@ -522,6 +615,7 @@ def build_report(results_dir: str | os.PathLike, out_md: str | os.PathLike, fig_
     lines += main_table(data, cells) + [""]
     lines += ["## Against the paper's claims", ""] + claims(data, cells) + [""]
     lines += ["## Ablations", ""] + ablation_table(data, cells) + [""]
+    lines += also_on_table(data, cells) + noisy_expert_reading(data, cells)
     figs = figures(data, cells, fig_dir)
     lines += ["## Curves", "", "Mean over seeds, shaded from the lowest to the highest seed at each step.", ""]
     for caption, path in figs:

@@ -58,6 +58,7 @@ GRID_PATH = ROOT / "benchmarks" / "grid.yaml"
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 GROUPS = ("main", "ablation")
 BASE_FILE = "base.json"
+EXPERTS_FILE = "experts.json"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -72,6 +73,7 @@ class RunSpec:
     seed: int
     keys: dict = field(default_factory=dict, hash=False, compare=False)  # train keys of the cell
     sft_first: bool = False
+    ablation_of: str | None = None  # the main-table cell an ablation modifies
 
     @property
     def run_id(self) -> str:
@@ -90,6 +92,12 @@ def load_grid(path: str | os.PathLike = GRID_PATH, quick: bool = False) -> dict:
     grid.setdefault("sft", {})
     grid.setdefault("sft_grpo", {})
     grid.setdefault("ablations", {})
+    grid["ablations_also_on"] = grid.get("ablations_also_on") or {}
+    for cell, names in grid["ablations_also_on"].items():
+        bad = [n for n in names if n not in grid["ablations"]]
+        if cell not in grid["main"] or bad:
+            raise SystemExit(f"reproduce: {p}: ablations_also_on: {cell!r}: "
+                             + (f"unknown ablation {bad[0]!r}" if bad else "not a cell of the main table"))
     grid["quick_mode"] = bool(quick)
     if quick:
         q = grid.get("quick") or {}
@@ -101,6 +109,7 @@ def load_grid(path: str | os.PathLike = GRID_PATH, quick: bool = False) -> dict:
             raise SystemExit(f"reproduce: {p}: quick.cells names unknown cell {unknown[0]!r}")
         grid["main"] = {c: grid["main"][c] for c in q.get("cells", grid["main"])}
         grid["ablations"] = {}
+        grid["ablations_also_on"] = {}
     grid.pop("quick", None)
     return grid
 
@@ -141,17 +150,22 @@ def ablation_base(grid: dict, results_dir: str | os.PathLike, override: str | No
 
 def grid_runs(grid: dict, base: str | None) -> list[RunSpec]:
     """Every run of the grid, seed-major (all cells of seed 0, then seed 1, ...): an interrupted grid leaves
-    complete seed pairs. Ablation cells are named `<base>+<ablation>`; they are left out while `base` is None."""
+    complete seed pairs. Ablation cells are named `<base>+<ablation>`; they are left out while `base` is None.
+    `ablations_also_on` adds named ablations on other cells (skipped where that cell is `base` itself)."""
     runs = []
     for seed in grid["seeds"]["main"]:
         for cell, keys in grid["main"].items():
             k, sft_first = _cell_keys(cell, keys)
             runs.append(RunSpec(cell, "main", int(seed), k, sft_first))
     if base is not None:
-        base_keys, _ = _cell_keys(base, grid["main"][base])
+        pairs = [(base, name) for name in grid["ablations"]]
+        pairs += [(cell, name) for cell, names in grid.get("ablations_also_on", {}).items() if cell != base
+                  for name in names]
         for seed in grid["seeds"].get("ablation", []):
-            for name, keys in grid["ablations"].items():
-                runs.append(RunSpec(f"{base}+{name}", "ablation", int(seed), {**base_keys, **(keys or {})}))
+            for cell, name in pairs:
+                cell_keys, _ = _cell_keys(cell, grid["main"][cell])
+                runs.append(RunSpec(f"{cell}+{name}", "ablation", int(seed),
+                                    {**cell_keys, **(grid["ablations"][name] or {})}, ablation_of=cell))
     return runs
 
 
@@ -410,6 +424,8 @@ def run_one(spec: RunSpec, grid: dict, base_dir: str, results_dir: str, work_dir
                  "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
         "curves": {"entropy": entropy, "reward": _curve(metrics, "reward"),
                    "train_accuracy": _curve(metrics, "rewards/accuracy_reward/mean"),
+                   "completion_mean_length": _curve(metrics, "completions/mean_length"),
+                   "completion_max_length": _curve(metrics, "completions/max_length"),
                    "step_time": [[i + 1, round(s, 4)] for i, s in enumerate(steps)],
                    "heldout": [{k: e[k] for k in ("step", "split", "accuracy", "n")} for e in logged["eval"]]},
         "sft_phase": sft_summary,
@@ -486,6 +502,55 @@ def ensure_base(grid: dict, results_dir: str, work_dir: str) -> str:
     return base_dir
 
 
+def _spread(xs: list[int]) -> dict:
+    s = sorted(xs)
+    return {"min": s[0], "median": s[len(s) // 2], "max": s[-1]} if s else {}
+
+
+def ensure_expert_facts(grid: dict, base_dir: str, results_dir: str) -> dict | None:
+    """experts.json: where, in the base model's tokens, a noisy expert solution first differs from the correct
+    one, against the lengths of the correct expert and of the native wording the policy was warm-started on.
+    The token gap compares sample token t with expert token t only, so this says whether a noisy expert can
+    reach its loss at all. Written once per settings hash when the grid has a noisy ablation; cheap (tokenising)."""
+    noisy = [n for n, k in grid["ablations"].items() if (k or {}).get("expert_style") == "noisy"]
+    if not noisy:
+        return None
+    path, h = Path(results_dir) / EXPERTS_FILE, settings_hash(grid)
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old.get("settings_hash") == h:
+            return old
+    from transformers import AutoTokenizer
+
+    from calibrl import recipes
+    from calibrl.tasks import native_solution
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    _, run = train_config(grid, RunSpec("experts", "main", 0, {"method": "calibrl"}), base_dir,
+                          str(Path(results_dir) / "unused"))  # nothing is written there
+
+    def rows(style: str) -> list[dict]:
+        return recipes.task_rows(run.dataset, "train", run.n_train, run.task_seed, style, run.noise_rate,
+                                 run.difficulty, run.task_types)
+
+    def ids(text: str) -> list[int]:  # as CalibRLTrainer tokenises an expert (its EOS not counted)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    right, wrong = rows(run.expert_style), rows("noisy")
+    first, lengths, native = [], [], []
+    for a, b in zip(right, wrong):
+        ta, tb = ids(a["solution"]), ids(b["solution"])
+        lengths.append(len(ta))
+        native.append(len(ids(native_solution(a))))
+        if ta != tb:
+            first.append(next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb))))
+    facts = {"kind": "experts", "settings_hash": h, "base_model": base_dir, "rows": len(right),
+             "expert_style": run.expert_style, "noise_rate": run.noise_rate, "noisy_rows": len(first),
+             "first_diff_token": _spread(first), "expert_tokens": _spread(lengths), "native_tokens": _spread(native)}
+    write_json(path, facts)
+    return facts
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------
@@ -553,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(threads)
     base_dir = ensure_base(grid, results_dir, work_dir)
+    ensure_expert_facts(grid, base_dir, results_dir)
     failed: list[str] = []
     t0 = time.time()
 
@@ -565,16 +631,15 @@ def main(argv: list[str] | None = None) -> int:
               f"entropy {short['entropy']:.3f}  {short['per_step_s']:.2f} s/step  {short['total_s']:.0f} s  "
               f"(elapsed {time.time() - t0:.0f} s)", flush=True)
 
-    of = {r.run_id: (base_cell if r.group == "ablation" else None) for r in todo}
     if ns.jobs == 1:
         for i, spec in enumerate(todo, 1):
-            report(i, *_run_in_worker(spec, grid, base_dir, results_dir, work_dir, threads, command, of[spec.run_id]))
+            report(i, *_run_in_worker(spec, grid, base_dir, results_dir, work_dir, threads, command, spec.ablation_of))
     else:
         import multiprocessing as mp
 
         with ProcessPoolExecutor(ns.jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
             futures = [pool.submit(_run_in_worker, spec, grid, base_dir, results_dir, work_dir, threads, command,
-                                   of[spec.run_id], True) for spec in todo]
+                                   spec.ablation_of, True) for spec in todo]
             for i, fut in enumerate(as_completed(futures), 1):
                 report(i, *fut.result())
     print(f"{len(todo) - len(failed)} runs finished, {len(failed)} failed in {time.time() - t0:.0f} s"

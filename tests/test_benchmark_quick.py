@@ -77,7 +77,7 @@ def test_report_tables_claims_and_figure(quick, tmp_path):
     assert "Grid complete: 4 of 4 runs" in head and "QUICK MODE" in head
     assert "| GRPO | 2/2 |" in text and "| CalibRL, token gap (code) | 2/2 |" in text
     calibrl_row = next(line for line in text.splitlines() if line.startswith("| CalibRL, token gap (code) | 2/2"))
-    assert "p = " in calibrl_row  # paired difference with GRPO on 2 seeds
+    assert "p = " in calibrl_row or "identical on every seed (n = 2)" in calibrl_row  # paired with GRPO, 2 seeds
     assert "CalibRL (token gap, official code) beats GRPO in-domain" in text
     png = tmp_path / "figures" / "baselines_heldout_test.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -98,7 +98,8 @@ def test_grid_selection_only_seeds_shards():
     main = [r for r in runs if r.group == "main"]
     abl = [r for r in runs if r.group == "ablation"]
     assert len(main) == len(grid["main"]) * len(grid["seeds"]["main"]) == 55
-    assert len(abl) == len(grid["ablations"]) * len(grid["seeds"]["ablation"]) == 18
+    on_base = [r for r in abl if r.ablation_of == "calibrl_token"]
+    assert len(on_base) == len(grid["ablations"]) * len(grid["seeds"]["ablation"]) == 18
     assert [r.seed for r in main[:11]] == [0] * 11  # seed-major: an interrupted grid leaves whole seeds
     assert abl[0].cell == "calibrl_token+guide_coef=0.01" and abl[0].keys["guide_coef"] == 0.01
     assert abl[0].keys["gap"] == "token"
@@ -126,3 +127,90 @@ def test_statistics_match_scipy_by_hand():
     assert report.verdict(strong, 1) == "holds"
     assert report.verdict(strong, -1).startswith("contradicted")
     assert report.verdict(report.paired({0: 1.0}, {0: 0.0}), 1).startswith("not testable")
+
+
+def test_ablations_also_on_another_cell_are_scheduled_with_their_own_base():
+    grid = reproduce.load_grid()
+    assert grid["ablations_also_on"] == {"calibrl_sequence": ["noisy_expert"]}
+    runs = reproduce.grid_runs(grid, "calibrl_token")
+    extra = [r for r in runs if r.cell == "calibrl_sequence+noisy_expert"]
+    assert [r.seed for r in extra] == grid["seeds"]["ablation"]
+    assert all(r.ablation_of == "calibrl_sequence" and r.keys["gap"] == "sequence"
+               and r.keys["expert_style"] == "noisy" and r.group == "ablation" for r in extra)
+    assert all(r.ablation_of == "calibrl_token" for r in runs if r.group == "ablation" and r not in extra)
+    # on the cell that is already the base, nothing is repeated
+    assert not any(r.cell.startswith("calibrl_sequence+") and r.keys.get("gap") == "sequence"
+                   and r.ablation_of != "calibrl_sequence" for r in reproduce.grid_runs(grid, "calibrl_sequence"))
+    assert len(reproduce.grid_runs(grid, "calibrl_sequence")) == 55 + 18
+
+
+def test_ablations_also_on_names_are_checked(tmp_path):
+    text = (reproduce.GRID_PATH).read_text(encoding="utf-8")
+    for wrong, message in (("calibrl_sequence: [noisy_expert]", "calibrl_sequence: [no_such_ablation]"),
+                           ("calibrl_sequence: [noisy_expert]", "no_such_cell: [noisy_expert]")):
+        p = tmp_path / "grid.yaml"
+        p.write_text(text.replace(wrong, message), encoding="utf-8")
+        with pytest.raises(SystemExit, match="ablations_also_on"):
+            reproduce.load_grid(p)
+
+
+def test_expert_facts_locate_where_the_noisy_expert_differs(quick, tmp_path):
+    import json
+
+    from calibrl.tasks.common import noisy_count
+
+    root, _ = quick
+    base_dir = json.loads((root / "results" / "base.json").read_text(encoding="utf-8"))["base_model"]
+    grid = reproduce.load_grid(quick=True)
+    assert reproduce.ensure_expert_facts(grid, base_dir, str(tmp_path)) is None  # no noisy ablation: nothing
+    grid["ablations"] = {"noisy_expert": {"expert_style": "noisy"}}
+    facts = reproduce.ensure_expert_facts(grid, base_dir, str(tmp_path))
+    n = grid["train"]["n_train"]
+    from calibrl import recipes
+
+    t = grid["train"]
+    right, wrong = (recipes.task_rows(t["dataset"], "train", n, t["task_seed"], style, 0.3, t.get("difficulty"),
+                                      t.get("task_types")) for style in ("mismatched", "noisy"))
+    differ = sum(a["solution"] != b["solution"] for a, b in zip(right, wrong))
+    assert facts["rows"] == n and facts["noisy_rows"] == differ > 0
+    # noise is drawn before the task_types filter, so the kept rows hold about (not exactly) noise_rate
+    assert abs(differ - noisy_count(n, 0.3)) <= max(3, n // 10)
+    fd, el = facts["first_diff_token"], facts["expert_tokens"]
+    assert 0 < fd["min"] <= fd["median"] <= fd["max"] < el["max"]  # the answer is changed, not the opening
+    written = tmp_path / reproduce.EXPERTS_FILE
+    assert json.loads(written.read_text(encoding="utf-8")) == facts
+    mtime = written.stat().st_mtime_ns
+    assert reproduce.ensure_expert_facts(grid, base_dir, str(tmp_path)) == facts and written.stat().st_mtime_ns == mtime
+
+
+def test_noisy_expert_reading_counts_identical_seeds():
+    def run(cell, seed, test, ood, lengths=None):
+        curves = {}
+        if lengths:
+            curves["completion_max_length"] = [[i + 1, m] for i, m in enumerate(lengths)]
+            curves["completion_mean_length"] = [[i + 1, 30.0] for i in range(len(lengths))]
+        return {"run_id": f"{cell}__s{seed}", "cell": cell, "seed": seed, "entropy_final": 0.2, "curves": curves,
+                "final": {"test": {"accuracy": test}, "ood": {"accuracy": ood}}, "time": {}}
+
+    runs = [run("calibrl_token", 0, 0.4, 0.05), run("calibrl_token+noisy_expert", 0, 0.4, 0.05),
+            run("calibrl_token", 1, 0.3, 0.05), run("calibrl_token+noisy_expert", 1, 0.31, 0.05, [20, 50, 44])]
+    data = {"experts": {"rows": 10, "noisy_rows": 3, "expert_style": "mismatched",
+                        "first_diff_token": {"min": 43, "median": 44, "max": 45},
+                        "expert_tokens": {"min": 58, "median": 59, "max": 62},
+                        "native_tokens": {"min": 28, "median": 28, "max": 30}},
+            "ablation_base": "calibrl_token", "runs": runs,
+            "grid": {"ablations": {"noisy_expert": {"expert_style": "noisy"}}, "ablations_also_on": {}}}
+    text = "\n".join(report.noisy_expert_reading(data, report.by_cell(runs)))
+    assert "3 of 10 noisy expert solutions" in text and "at token 43–45 (median 44)" in text
+    assert "in 2 of 3 logged steps" in text  # 50 and 44 are longer than 43 tokens
+    assert "identical to the correct expert's on 1 of 2 paired seeds (seeds 0)" in text
+    data["experts"] = None
+    assert report.noisy_expert_reading(data, report.by_cell(runs)) == []
+
+
+def test_no_spread_differences_are_not_tested():
+    same = report.paired({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})
+    assert same["p"] == 1.0 and report.fmt_diff(same) == "identical on every seed (n = 2)"
+    shifted = report.paired({0: 1.2, 1: 2.2}, {0: 1.0, 1: 2.0})
+    assert shifted["p"] is None and "no spread" in report.fmt_diff(shifted)
+    assert report.verdict(shifted, 1).startswith("not testable")

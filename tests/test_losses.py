@@ -156,6 +156,35 @@ def test_sequence_gap_gradient_is_per_sequence():
     assert torch.allclose(logp.grad, t([[-0.25, -0.25], [-0.5, -0.5]]))
 
 
+
+def test_token_gap_never_sees_expert_tokens_past_the_sample_and_sequence_gap_does():
+    """Why the benchmark's noisy-expert ablation equals its token-gap base (docs/RESULTS.md): the token gap
+    compares sample token t with expert token t, so an expert that differs only past the samples' length
+    (the wrong answer at the end of a long expert, short policy completions) gives the same loss and the same
+    gradient; the sequence gap sums the whole expert and sees the change."""
+    B, T, TE = 3, 4, 9
+    logp0 = torch.full((B, T), -1.0, dtype=torch.float64) - 0.1 * torch.arange(B, dtype=torch.float64)[:, None]
+    mask = torch.ones(B, T)
+    e_right = torch.full((B, TE), -0.3, dtype=torch.float64)  # Σ = −2.7 > Σ logπ(sample) ≈ −4: gap < 0
+    e_wrong = e_right.clone()
+    e_wrong[:, 6:8] = -2.0  # the expert's answer tokens (past every sample's end) unlikely: Σ = −6.1, gap > 0
+    em = torch.ones(B, TE)
+    adv, sign = t([0.6, -0.4, 0.9]), t([1.0, -1.0, 1.0])
+
+    def grad(e, gap):
+        logp = logp0.clone().requires_grad_()
+        g, _ = L.guidance_loss(L.calibration_gap(logp, mask, e, em, gap), adv, sign)
+        loss = L.aggregate(g, mask, "token-mean") if g.dim() == 2 else g.mean()
+        loss.backward()
+        return loss.detach(), logp.grad
+
+    for gap in ("token", "sequence"):
+        (l_right, g_right), (l_wrong, g_wrong) = grad(e_right, gap), grad(e_wrong, gap)
+        if gap == "token":
+            assert torch.equal(l_right, l_wrong) and torch.equal(g_right, g_wrong)
+        else:
+            assert not torch.equal(l_right, l_wrong)
+            assert not torch.equal(g_right, g_wrong)  # the gap changes sign: each row's slope swaps 1 <-> α
 # ---------------------------------------------------------------- LUFFY and RL-PLUS
 def test_luffy_shaping_value_and_gradient():
     p = t([[0.05, 0.5, 0.9]])

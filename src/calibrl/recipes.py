@@ -65,7 +65,9 @@ class RunArgs:
     task_seed: int = field(default=0, metadata={"help": "Seed of the generated task rows."})
     expert_style: str = field(default="mismatched", metadata={"help": "Expert solutions of a task: dataset: "
                               "native, mismatched or noisy."})
-    noise_rate: float = field(default=0.3, metadata={"help": "Share of wrong experts with expert_style=noisy."})
+    noise_rate: float = field(default=0.3, metadata={"help": "Share of wrong experts with expert_style=noisy "
+                                                      "(exact over the generated rows; after a task_types filter, "
+                                                      "about this share)."})
     difficulty: list[int] | None = field(default=None, metadata={"help": "Difficulty levels (1-3) of a task: "
                                          "dataset; default all."})
     task_types: list[str] | None = field(default=None, metadata={"help": "Keep only these problem types (e.g. "
@@ -462,7 +464,8 @@ def task_rows(spec: str, split: str, n: int, seed: int, expert_style: str = "nat
 
     `task_types` (e.g. `["digits/sum"]`) keeps only those problem types in the `train` and `test` splits:
     rows are generated in growing batches (deterministic in `seed`) until `n` match. The `ood` split is
-    never filtered, since its problem types are held out by design.
+    never filtered, since its problem types are held out by design. The noisy experts are drawn over the
+    generated rows, before the filter, so the kept rows hold about `noise_rate` of them, not exactly.
     """
     from calibrl.tasks import make_dataset
 
