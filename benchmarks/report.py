@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks import reproduce
+from benchmarks.branches import BRANCHES_FILE
 
 ROOT = reproduce.ROOT
 DOC_PATH = ROOT / "docs" / "RESULTS.md"
@@ -137,13 +138,18 @@ def load(results_dir: str | os.PathLike, grid_path: str | os.PathLike) -> dict:
     if grid["ablations"]:
         abl_base = bases.most_common(1)[0][0] if bases else reproduce.ablation_base(grid, results_dir)
     expected = reproduce.grid_runs(grid, abl_base)
-    experts_path = results_dir / reproduce.EXPERTS_FILE
-    experts = json.loads(experts_path.read_text(encoding="utf-8")) if experts_path.is_file() else None
-    if experts is not None and experts.get("settings_hash") != h:
-        experts = None
+    experts, branches = (_current(results_dir / name, h) for name in (reproduce.EXPERTS_FILE, BRANCHES_FILE))
     return {"grid": grid, "grid_path": str(grid_path), "hash": h, "base": base, "runs": runs, "stale": stale,
-            "ablation_base": abl_base, "experts": experts,
+            "ablation_base": abl_base, "experts": experts, "branches": branches,
             "expected": expected, "quick": quick}
+
+
+def _current(path: Path, settings: str) -> dict | None:
+    """A side file of the results (experts.json, branches.json), if it was made with the current settings."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if data.get("settings_hash") == settings else None
 
 
 def by_cell(runs: list[dict]) -> dict[str, dict[int, dict]]:
@@ -384,7 +390,8 @@ def noisy_expert_reading(data: dict, cells: dict) -> list[str]:
                  "through which LeakyReLU slope w ∈ {1, α} a token gets (tests/test_losses.py checks both). A noisy "
                  "expert therefore changes the update only through completions that reach its wrong tokens, and "
                  "only where the changed baseline flips a slope. The sequence gap sums the expert's whole "
-                 "log-likelihood, so the wrong answer always moves it.")
+                 "log-likelihood, so the wrong answer always moves it, but it too changes the update only where "
+                 "it flips a slope (next section).")
     for name in noisy:
         for cell in [base] + [c for c, names in data["grid"]["ablations_also_on"].items() if name in names]:
             abl = f"{cell}+{name}"
@@ -396,6 +403,56 @@ def noisy_expert_reading(data: dict, cells: dict) -> list[str]:
             lines.append(f"- Measured, {label(cell)}: with the noisy expert, both final accuracies are identical to "
                          f"the correct expert's on {len(same)} of {len(seeds)} paired seeds"
                          + (f" (seeds {', '.join(map(str, same))})." if same else "."))
+    return lines + [""]
+
+
+def branch_reading(data: dict) -> list[str]:
+    """branches.json (benchmarks/branches.py): did the expert ever decide a sample's slope?"""
+    b = data["branches"]
+    if not b or not b["cells"]:
+        return []
+    rows = []
+    for cell, c in b["cells"].items():
+        d = c["full_minus_wrong"]
+        e = c["expert_logp_per_token"]
+        pos = c.get("gap_positive")
+        rows.append([label(cell), f"`{c['gap']}`", str(c["runs"]), f"{c['steps_equal']} of {c['steps']}",
+                     f"{d['mean']:+.3f} ({d['min']:+.3f} to {d['max']:+.3f})", f"{c['gap_mean']:.2f}",
+                     "—" if e is None else f"{e:.2f}",
+                     "—" if pos is None else f"{pos['mean']:.3f} ({pos['min']:.3f} to {pos['max']:.3f}; "
+                                             f"{pos['runs']} run{'s' if pos['runs'] > 1 else ''})"])
+    seq = [c for c in b["cells"].values() if c["gap"] in ("sequence", "sequence_mean")]
+    eq, n = sum(c["steps_equal"] for c in seq), sum(c["steps"] for c in seq)
+    logp = [c["expert_logp_per_token"] for c in b["cells"].values() if c["expert_logp_per_token"] is not None]
+    lines = ["### Why the expert's content does not show in this setting", "",
+             "The guidance gradient is −λ·s·|A|·w·∇log π(sample); the expert only picks the slope w ∈ {1, α}. "
+             "If every sample is more likely than the expert (Δℓ > 0), w = 1 for each wrong sample and α for each "
+             "correct one, whatever the expert says. Per logged step of every CalibRL run (`python -m "
+             "benchmarks.branches`, from the run folders' metrics.jsonl in "
+             + ", ".join(f"`{w}`" for w in b["work_dirs"]) + "): the share on the slope-1 branch minus the share "
+             "of wrong samples, the mean gap Δℓ, the expert's log-probability per token under the policy, and, "
+             "for runs that log it, the share of tokens (or samples) more likely than the expert (Δℓ > 0).", ""]
+    lines += table(["cell", "gap", "runs", "steps where slope-1 share = wrong share", "slope-1 − wrong share: mean "
+                    "(range)", "mean gap", "expert log-prob / token", "share with Δℓ > 0"], rows) + [""]
+    if n:
+        lines.append(f"- Sequence gaps (both shares count samples): equal in {eq} of {n} logged steps, i.e. the "
+                     "slope was set by the sample's correctness alone"
+                     + (" in every step." if eq == n else f" in {100 * eq / n:.1f}% of steps."))
+    if logp:
+        lines.append(f"- The expert's `{data['grid']['train'].get('expert_style')}` wording costs the policy "
+                     f"{-sum(logp) / len(logp):.1f} nats per token on average: the tiny base model was warm-started "
+                     "on the `native` wording only, so the expert is far less likely than anything it samples. "
+                     "Token gaps count tokens, not samples, so their two shares differ by a few points even when "
+                     "every token's slope follows correctness; the last column (`calibrl/frac_gap_positive`, logged "
+                     "by runs made after this grid, e.g. a rerun of a seed) gives the share with Δℓ > 0 directly.")
+    token = [c["gap_positive"]["mean"] for c in b["cells"].values() if c["gap"] == "token" and c.get("gap_positive")]
+    lines.append("- Reading: in this miniature CalibRL acts as GRPO plus an asymmetric REINFORCE term (slope 1 on "
+                 "wrong samples, α on correct ones)"
+                 + (f": in {100 * eq / n:.1f}% of steps with the sequence gaps" if n else "")
+                 + (f", for {100 * sum(token) / len(token):.0f}% of tokens with the token gap" if token else "")
+                 + ". That is why the constant control and the noisy expert match the token gap. It cannot test "
+                 "the paper's expert-content claims, where a pretrained model reads an expert in natural language "
+                 "and the gap is presumably much smaller (not measured here).")
     return lines + [""]
 
 
@@ -435,8 +492,10 @@ def claims(data: dict, cells: dict) -> list[str]:
              f"verdict at p < {ALPHA}: **holds** (significant, in the claimed direction), **not significant**, "
              "**contradicted** (significant, opposite direction), or **not testable yet** (fewer than two "
              "paired seeds).", ""]
+    tally: Counter = Counter()
     for text, a, b, name, sign, paper in checks:
         d = paired(values(cells, a, name), values(cells, b, name))
+        tally[verdict(d, sign).split(" (")[0]] += 1
         unit = "" if name == "entropy" else " points"
         what = {"test": "in-domain", "ood": "out-of-domain", "entropy": "final entropy"}[name]
         measured = ("no paired runs yet" if d["n"] == 0 else fmt_diff(d, 3 if name == "entropy" else 1, unit)
@@ -449,6 +508,8 @@ def claims(data: dict, cells: dict) -> list[str]:
         lines.append(f"- Compute overhead (reviewers: never reported). CalibRL (token) minus GRPO, wall time per "
                      f"optimizer step: {fmt_diff(d, 2, ' s')}, n = {d['n']} ({100 * d['mean'] / g['mean']:+.0f}% of GRPO's "
                      f"{g['mean']:.2f} s; paired runs ran side by side, under the same load).")
+    lines += ["", "**In short:** of the " + str(sum(tally.values())) + " claims checked, "
+              + ", ".join(f"{n} {v}" for v, n in tally.most_common()) + "."]
     return lines
 
 
@@ -615,7 +676,7 @@ def build_report(results_dir: str | os.PathLike, out_md: str | os.PathLike, fig_
     lines += main_table(data, cells) + [""]
     lines += ["## Against the paper's claims", ""] + claims(data, cells) + [""]
     lines += ["## Ablations", ""] + ablation_table(data, cells) + [""]
-    lines += also_on_table(data, cells) + noisy_expert_reading(data, cells)
+    lines += also_on_table(data, cells) + noisy_expert_reading(data, cells) + branch_reading(data)
     figs = figures(data, cells, fig_dir)
     lines += ["## Curves", "", "Mean over seeds, shaded from the lowest to the highest seed at each step.", ""]
     for caption, path in figs:

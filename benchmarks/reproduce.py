@@ -7,6 +7,7 @@ from the same base model on the same data with the same budget, evaluated the sa
     python -m benchmarks.reproduce --only group=main --shard 0/2     # half of the main table
     python -m benchmarks.reproduce --list                # what the grid holds and what is done
     python -m benchmarks.reproduce --quick --out /tmp/q  # 2 methods x 2 seeds on a nano model, ~1 minute
+    python -m benchmarks.branches                        # which slope CalibRL's guidance took, from the run logs
     python -m benchmarks.report                          # docs/RESULTS.md + docs/figures/ from the JSON
 
 One JSON file per run lands in `--out` (default benchmarks/results/, `<cell>__s<seed>.json`), written

@@ -214,3 +214,47 @@ def test_no_spread_differences_are_not_tested():
     shifted = report.paired({0: 1.2, 1: 2.2}, {0: 1.0, 1: 2.0})
     assert shifted["p"] is None and "no spread" in report.fmt_diff(shifted)
     assert report.verdict(shifted, 1).startswith("not testable")
+
+
+def test_branch_audit_counts_steps_whose_slope_follows_correctness(tmp_path):
+    import json
+
+    from benchmarks import branches
+
+    grid = reproduce.load_grid()
+    h = reproduce.settings_hash(grid)
+    results, work = tmp_path / "results", tmp_path / "work"
+
+    def run(run_id, cell, method, gap, steps, settings=h, global_step=None):
+        reproduce.write_json(results / f"{run_id}.json", {
+            "kind": "run", "run_id": run_id, "cell": cell, "method": method, "settings_hash": settings,
+            "global_step": len(steps) if global_step is None else global_step, "config": {"train": {"gap": gap}}})
+        (work / run_id).mkdir(parents=True)
+        (work / run_id / "metrics.jsonl").write_text("".join(json.dumps(
+            {"step": i + 1, "calibrl/frac_full_slope": full, "rewards/accuracy_reward/mean": acc,
+             "calibrl/gap_mean": 5.0, "calibrl/expert_logp_mean": -8.0}) + "\n" for i, (full, acc) in enumerate(steps)))
+
+    run("calibrl_sequence__s0", "calibrl_sequence", "calibrl", "sequence", [(0.75, 0.25), (0.5, 0.25)])
+    run("calibrl_sequence__s1", "calibrl_sequence", "calibrl", "sequence", [(0.9, 0.1)])
+    run("calibrl_token__s0", "calibrl_token", "calibrl", "token", [(0.6, 0.25)], settings="stale")
+    run("calibrl_token__s1", "calibrl_token", "calibrl", "token", [(0.6, 0.25)], global_step=5)  # other run's folder
+    run("grpo__s0", "grpo", "grpo", "token", [(0.0, 0.5)])
+    out = branches.audit(results, [work], grid)
+    assert list(out["cells"]) == ["calibrl_sequence"]
+    c = out["cells"]["calibrl_sequence"]
+    assert (c["runs"], c["steps"], c["steps_equal"]) == (2, 3, 2)
+    assert abs(c["full_minus_wrong"]["min"] + 0.25) < 1e-12 and c["expert_logp_per_token"] == -8.0
+    data = {"branches": out, "grid": grid}
+    text = "\n".join(report.branch_reading(data))
+    assert "equal in 2 of 3 logged steps" in text and "8.0 nats per token" in text
+    assert c["gap_positive"] is None and text.count("| — |") == 1
+
+    # a rerun of seed 1 in another work dir, logging the share with Δℓ > 0: the last work dir wins
+    rerun = tmp_path / "rerun" / "calibrl_sequence__s1"
+    rerun.mkdir(parents=True)
+    (rerun / "metrics.jsonl").write_text(json.dumps(
+        {"step": 1, "calibrl/frac_full_slope": 0.8, "rewards/accuracy_reward/mean": 0.1, "calibrl/gap_mean": 5.0,
+         "calibrl/frac_gap_positive": 0.97}) + "\n")
+    c = branches.audit(results, [work, tmp_path / "rerun"], grid)["cells"]["calibrl_sequence"]
+    assert (c["runs"], c["steps"], c["steps_equal"]) == (2, 3, 1)
+    assert c["gap_positive"] == {"runs": 1, "mean": 0.97, "min": 0.97, "max": 0.97}

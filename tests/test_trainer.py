@@ -179,7 +179,7 @@ def test_every_method_trains_and_logs(tiny_vlm_dir, tmp_path, method, extra):
     if method in ("luffy", "rlplus", "calibrl"):
         assert "calibrl/expert_entropy" in last
     if method == "calibrl":
-        assert 0 <= last["calibrl/frac_full_slope"] <= 1
+        assert 0 <= last["calibrl/frac_full_slope"] <= 1 and 0 <= last["calibrl/frac_gap_positive"] <= 1
     if method == "dapo":
         assert tr.args.epsilon_high == 0.28 and tr.args.scale_rewards == "group"
 

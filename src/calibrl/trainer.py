@@ -590,6 +590,7 @@ class CalibRLTrainer(GRPOTrainer):
                 n = float(live.sum())
                 self._log("calibrl/frac_full_slope", losses.masked_mean(full.float(), live), count=n)
                 self._log("calibrl/gap_mean", losses.masked_mean(gap.detach(), live), count=n)
+                self._log("calibrl/frac_gap_positive", losses.masked_mean((gap.detach() > 0).float(), live), count=n)
             else:  # sequence-level gaps: a mean over sequences
                 ga = self.current_gradient_accumulation_steps if train else 1.0
                 guide = g.sum() / (B * ga)
@@ -597,6 +598,7 @@ class CalibRLTrainer(GRPOTrainer):
                 n = float(live.sum())
                 self._log("calibrl/frac_full_slope", (full.float() * live).sum() / max(n, 1.0), count=n)
                 self._log("calibrl/gap_mean", (gap.detach() * live).sum() / max(n, 1.0), count=n)
+                self._log("calibrl/frac_gap_positive", ((gap.detach() > 0).float() * live).sum() / max(n, 1.0), count=n)
             loss = loss + a.guide_coef * guide
 
         if self._entropy_bonus_enabled:  # TRL's static entropy bonus, on on-policy tokens
