@@ -138,18 +138,11 @@ def load(results_dir: str | os.PathLike, grid_path: str | os.PathLike) -> dict:
     if grid["ablations"]:
         abl_base = bases.most_common(1)[0][0] if bases else reproduce.ablation_base(grid, results_dir)
     expected = reproduce.grid_runs(grid, abl_base)
-    experts, branches = (_current(results_dir / name, h) for name in (reproduce.EXPERTS_FILE, BRANCHES_FILE))
+    experts, branches = (reproduce.read_current(results_dir / name, h)
+                         for name in (reproduce.EXPERTS_FILE, BRANCHES_FILE))
     return {"grid": grid, "grid_path": str(grid_path), "hash": h, "base": base, "runs": runs, "stale": stale,
             "ablation_base": abl_base, "experts": experts, "branches": branches,
             "expected": expected, "quick": quick}
-
-
-def _current(path: Path, settings: str) -> dict | None:
-    """A side file of the results (experts.json, branches.json), if it was made with the current settings."""
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return data if data.get("settings_hash") == settings else None
 
 
 def by_cell(runs: list[dict]) -> dict[str, dict[int, dict]]:
@@ -337,7 +330,7 @@ def ablation_table(data: dict, cells: dict) -> list[str]:
 def also_on_table(data: dict, cells: dict) -> list[str]:
     """`ablations_also_on`: an ablation repeated on another CalibRL cell, paired with that cell's own runs."""
     grid = data["grid"]
-    pairs = [(c, n) for c, names in grid["ablations_also_on"].items() if c != data["ablation_base"] for n in names]
+    pairs = [(c, n) for c, n in reproduce.ablation_pairs(grid, data["ablation_base"]) if c != data["ablation_base"]]
     if not pairs:
         return []
     n_seeds = len(grid["seeds"].get("ablation", []))
@@ -392,8 +385,8 @@ def noisy_expert_reading(data: dict, cells: dict) -> list[str]:
                  "only where the changed baseline flips a slope. The sequence gap sums the expert's whole "
                  "log-likelihood, so the wrong answer always moves it, but it too changes the update only where "
                  "it flips a slope (next section).")
-    for name in noisy:
-        for cell in [base] + [c for c, names in data["grid"]["ablations_also_on"].items() if name in names]:
+    for cell, name in reproduce.ablation_pairs(data["grid"], base):
+        if name in noisy:
             abl = f"{cell}+{name}"
             seeds = sorted(set(cells.get(cell, {})) & set(cells.get(abl, {})))
             if not seeds:
@@ -479,10 +472,7 @@ def claims(data: dict, cells: dict) -> list[str]:
         ("The expert's content matters (token gap beats the constant-baseline control)", "calibrl_token",
          "calibrl_constant", "test", 1, "reviewers' question; no figure"),
     ]
-    pairs = [(base, name) for name in data["grid"]["ablations"]] if base is not None else []
-    pairs += [(cell, name) for cell, names in data["grid"]["ablations_also_on"].items() if cell != base
-              for name in names]
-    for cell, name in pairs:
+    for cell, name in reproduce.ablation_pairs(data["grid"], base):
         if name in ABLATION_CLAIMS:
             text, paper = ABLATION_CLAIMS[name]
             checks.append((text if cell == base else f"{text}, on {label(cell)}", cell, f"{cell}+{name}", "test", 1,
@@ -562,8 +552,8 @@ def figures(data: dict, cells: dict, fig_dir: Path) -> list[tuple[str, str]]:
         "calibrl_variants": ["grpo"] + variants,
         "ablations": ([data["ablation_base"]] + [f"{data['ablation_base']}+{a}" for a in data["grid"]["ablations"]]
                       if data["ablation_base"] else []),
-        "ablations_also_on": [c for cell, names in data["grid"]["ablations_also_on"].items()
-                              for c in [cell] + [f"{cell}+{n}" for n in names]],
+        "ablations_also_on": [c for cell, n in reproduce.ablation_pairs(data["grid"], data["ablation_base"])
+                              if cell != data["ablation_base"] for c in (cell, f"{cell}+{n}")],
     }
     written = []
     with tempfile.TemporaryDirectory(prefix="calibrl-report-") as tmp:

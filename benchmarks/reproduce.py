@@ -149,6 +149,15 @@ def ablation_base(grid: dict, results_dir: str | os.PathLike, override: str | No
     return max(means, key=means.get) if means else None
 
 
+def ablation_pairs(grid: dict, base: str | None) -> list[tuple[str, str]]:
+    """(cell, ablation) of every ablation cell: each ablation on `base`, then `ablations_also_on` (skipped where
+    that cell is `base` itself). None before the base is known."""
+    if base is None:
+        return []
+    return [(base, name) for name in grid["ablations"]] + [
+        (cell, name) for cell, names in grid.get("ablations_also_on", {}).items() if cell != base for name in names]
+
+
 def grid_runs(grid: dict, base: str | None) -> list[RunSpec]:
     """Every run of the grid, seed-major (all cells of seed 0, then seed 1, ...): an interrupted grid leaves
     complete seed pairs. Ablation cells are named `<base>+<ablation>`; they are left out while `base` is None.
@@ -158,15 +167,11 @@ def grid_runs(grid: dict, base: str | None) -> list[RunSpec]:
         for cell, keys in grid["main"].items():
             k, sft_first = _cell_keys(cell, keys)
             runs.append(RunSpec(cell, "main", int(seed), k, sft_first))
-    if base is not None:
-        pairs = [(base, name) for name in grid["ablations"]]
-        pairs += [(cell, name) for cell, names in grid.get("ablations_also_on", {}).items() if cell != base
-                  for name in names]
-        for seed in grid["seeds"].get("ablation", []):
-            for cell, name in pairs:
-                cell_keys, _ = _cell_keys(cell, grid["main"][cell])
-                runs.append(RunSpec(f"{cell}+{name}", "ablation", int(seed),
-                                    {**cell_keys, **(grid["ablations"][name] or {})}, ablation_of=cell))
+    for seed in grid["seeds"].get("ablation", []):
+        for cell, name in ablation_pairs(grid, base):
+            cell_keys, _ = _cell_keys(cell, grid["main"][cell])
+            runs.append(RunSpec(f"{cell}+{name}", "ablation", int(seed),
+                                {**cell_keys, **(grid["ablations"][name] or {})}, ablation_of=cell))
     return runs
 
 
@@ -211,14 +216,22 @@ def result_path(results_dir: str | os.PathLike, spec: RunSpec) -> Path:
     return Path(results_dir) / f"{spec.run_id}.json"
 
 
+def read_current(path: str | os.PathLike, settings: str) -> dict | None:
+    """A results file (a run, base.json, experts.json, ...) if it exists, parses and was made with the current
+    shared settings; else None (it is then made again)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if data.get("settings_hash") == settings else None
+
+
 def _finished(path: Path, settings: str) -> bool:
     """A run is done when its JSON exists and was made with the current shared settings."""
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("settings_hash") == settings
-    except (OSError, json.JSONDecodeError):
-        return False
+    return read_current(path, settings) is not None
 
 
 def load_runs(results_dir: str | os.PathLike) -> list[dict]:
@@ -489,7 +502,7 @@ def ensure_base(grid: dict, results_dir: str, work_dir: str) -> str:
           f"{summary.get('chosen_step')}, validation accuracy {summary.get('select_accuracy')})", flush=True)
     path = Path(results_dir) / BASE_FILE
     h = settings_hash(grid)
-    if path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("settings_hash") == h:
+    if read_current(path, h) is not None:
         return base_dir
     _, run = train_config(grid, RunSpec("base", "main", 0, {"method": "grpo"}), base_dir, str(Path(work_dir) / "base"))
     fe = final_eval_args(grid)
@@ -517,10 +530,9 @@ def ensure_expert_facts(grid: dict, base_dir: str, results_dir: str) -> dict | N
     if not noisy:
         return None
     path, h = Path(results_dir) / EXPERTS_FILE, settings_hash(grid)
-    if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        if old.get("settings_hash") == h:
-            return old
+    old = read_current(path, h)
+    if old is not None:
+        return old
     from transformers import AutoTokenizer
 
     from calibrl import recipes
