@@ -72,12 +72,8 @@ def audit(results_dir: str | os.PathLike, work_dirs: list[str | os.PathLike], gr
                                                if c["expert_logp"] else None),
                      "gap_positive": ({"runs": c["runs_positive"], "mean": sum(c["positive"]) / len(c["positive"]),
                                        "min": min(c["positive"]), "max": max(c["positive"])} if c["positive"] else None)}
-    return {"kind": "branches", "settings_hash": h, "work_dirs": [_rel(w) for w in work_dirs], "cells": out}
+    return {"kind": "branches", "settings_hash": h, "work_dirs": [reproduce.rel_to_root(w) for w in work_dirs], "cells": out}
 
-
-def _rel(path) -> str:
-    p = Path(path).resolve()
-    return os.path.relpath(p, reproduce.ROOT) if str(p).startswith(str(reproduce.ROOT)) else str(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -246,6 +246,14 @@ def load_runs(results_dir: str | os.PathLike) -> list[dict]:
     return out
 
 
+def rel_to_root(path) -> str:
+    """A path inside the checkout as written relative to its root (for reports), others as given."""
+    try:
+        return os.path.relpath(path, ROOT) if str(Path(path).resolve()).startswith(str(ROOT)) else str(path)
+    except ValueError:
+        return str(path)
+
+
 def write_json(path: str | os.PathLike, data: dict) -> None:
     """Write atomically: a half-written file never looks like a finished run."""
     path = Path(path)
