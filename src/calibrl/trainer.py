@@ -586,19 +586,15 @@ class CalibRLTrainer(GRPOTrainer):
             g, full = losses.guidance_loss(gap, adv, sign, a.leaky_slope, a.weight_by_abs_adv)
             if gap.dim() == 2:  # token-level gaps: the same aggregation as the policy-gradient term
                 guide = self._aggregate(g, onp_mask, inputs)
-                live = onp_mask * (sign != 0).unsqueeze(1).to(mask.dtype)
-                n = float(live.sum())
-                self._log("calibrl/frac_full_slope", losses.masked_mean(full.float(), live), count=n)
-                self._log("calibrl/gap_mean", losses.masked_mean(gap.detach(), live), count=n)
-                self._log("calibrl/frac_gap_positive", losses.masked_mean((gap.detach() > 0).float(), live), count=n)
+                live = onp_mask * (sign != 0).unsqueeze(1).to(mask.dtype)  # tokens with a sign
             else:  # sequence-level gaps: a mean over sequences
                 ga = self.current_gradient_accumulation_steps if train else 1.0
                 guide = g.sum() / (B * ga)
-                live = (sign != 0).float()
-                n = float(live.sum())
-                self._log("calibrl/frac_full_slope", (full.float() * live).sum() / max(n, 1.0), count=n)
-                self._log("calibrl/gap_mean", (gap.detach() * live).sum() / max(n, 1.0), count=n)
-                self._log("calibrl/frac_gap_positive", ((gap.detach() > 0).float() * live).sum() / max(n, 1.0), count=n)
+                live = (sign != 0).float()  # sequences with a sign
+            n, d = float(live.sum()), gap.detach()
+            self._log("calibrl/frac_full_slope", losses.masked_mean(full.float(), live), count=n)
+            self._log("calibrl/gap_mean", losses.masked_mean(d, live), count=n)
+            self._log("calibrl/frac_gap_positive", losses.masked_mean((d > 0).float(), live), count=n)
             loss = loss + a.guide_coef * guide
 
         if self._entropy_bonus_enabled:  # TRL's static entropy bonus, on on-policy tokens
