@@ -252,11 +252,15 @@ class CalibRLTrainer(GRPOTrainer):
             logs["calibrl/skipped_steps"] = float(self.all_skipped_steps)
         super().log(logs, start_time)
 
+    @property
+    def _step_metrics(self) -> dict:
+        """TRL's metric lists for the current step: train or eval, as the model's mode says."""
+        return self._metrics["train" if self.model.training else "eval"]
+
     def _log_sum(self, name: str, value: float) -> None:
         """Log a count summed over processes (and add it to the run totals)."""
-        mode = "train" if self.model.training else "eval"
         key = name.removeprefix("calibrl/")
-        self._metrics[mode][name].append(self._count({key: value})[key])
+        self._step_metrics[name].append(self._count({key: value})[key])
 
     def _count(self, counts: dict[str, float]) -> dict[str, float]:
         """Sum `counts` over processes (one collective) into `run_counts`; return this batch's sums."""
@@ -268,13 +272,12 @@ class CalibRLTrainer(GRPOTrainer):
 
     def _log(self, name: str, value: float | torch.Tensor, count: float = 1.0) -> None:
         """Log a metric averaged over processes, weighted by `count` (e.g. the number of tokens it covers)."""
-        mode = "train" if self.model.training else "eval"
         dev = self.accelerator.device
         v = torch.as_tensor(value, dtype=torch.float32, device=dev).detach()
         stats = torch.stack([v * count, torch.tensor(float(count), device=dev)])
         total = self.accelerator.reduce(stats, reduction="sum")
         if total[1] > 0:
-            self._metrics[mode][name].append((total[0] / total[1]).item())
+            self._step_metrics[name].append((total[0] / total[1]).item())
 
     # ------------------------------------------------------------------------------------------------------
     # Expert tokens
@@ -413,9 +416,8 @@ class CalibRLTrainer(GRPOTrainer):
 
         if active:  # one collective gives both the run totals and this batch's shares over all groups
             sums = self._count({f"expert_{k}": v for k, v in counts.items()} | {"expert_groups": len(plan)})
-            mode = "train" if self.model.training else "eval"
             for k in counts:
-                self._metrics[mode][f"calibrl/expert_{k}"].append(sums[f"expert_{k}"] / max(1.0, sums["expert_groups"]))
+                self._step_metrics[f"calibrl/expert_{k}"].append(sums[f"expert_{k}"] / max(1.0, sums["expert_groups"]))
         if active and a.method == "calibrl":
             self._add_expert_logps(inputs, plan, output)
         return output
