@@ -360,7 +360,7 @@ def noisy_expert_reading(data: dict, cells: dict) -> list[str]:
     """Why a noisy expert may not reach the token gap: where its tokens differ (experts.json), how long the
     policy's completions are (run curves), and on how many seeds the ablation left the result unchanged."""
     facts, base = data["experts"], data["ablation_base"]
-    noisy = [n for n, k in data["grid"]["ablations"].items() if (k or {}).get("expert_style") == "noisy"]
+    noisy = reproduce.noisy_ablations(data["grid"])
     if not facts or not noisy or not facts.get("first_diff_token"):
         return []
     fd, el, nl = facts["first_diff_token"], facts["expert_tokens"], facts["native_tokens"]

@@ -229,11 +229,6 @@ def read_current(path: str | os.PathLike, settings: str) -> dict | None:
     return data if data.get("settings_hash") == settings else None
 
 
-def _finished(path: Path, settings: str) -> bool:
-    """A run is done when its JSON exists and was made with the current shared settings."""
-    return read_current(path, settings) is not None
-
-
 def load_runs(results_dir: str | os.PathLike) -> list[dict]:
     """Every finished run's JSON in `results_dir` (base.json excluded)."""
     out = []
@@ -383,7 +378,7 @@ def _split_result(results: dict, split: str) -> dict:
 
 
 def run_one(spec: RunSpec, grid: dict, base_dir: str, results_dir: str, work_dir: str, threads: int = 0,
-            command: str = "", ablation_of: str | None = None) -> dict:
+            command: str = "") -> dict:
     """Train and evaluate one run; write `<results_dir>/<run_id>.json` and return what it holds."""
     import torch
 
@@ -437,7 +432,7 @@ def run_one(spec: RunSpec, grid: dict, base_dir: str, results_dir: str, work_dir
     tail = [v for _, v in entropy[-10:]]
     out = {
         "kind": "run", "run_id": spec.run_id, "cell": spec.cell, "group": spec.group, "seed": spec.seed,
-        "ablation_of": ablation_of, "keys": spec.keys, "sft_first": spec.sft_first, "method": config.method,
+        "ablation_of": spec.ablation_of, "keys": spec.keys, "sft_first": spec.sft_first, "method": config.method,
         "settings_hash": settings_hash(grid), "quick": grid.get("quick_mode", False),
         "final": {split: _split_result(results, split) for split in fe.eval_splits},
         "entropy_final": sum(tail) / len(tail) if tail else None,
@@ -464,14 +459,14 @@ def run_one(spec: RunSpec, grid: dict, base_dir: str, results_dir: str, work_dir
 
 
 def _run_in_worker(spec: RunSpec, grid: dict, base_dir: str, results_dir: str, work_dir: str, threads: int,
-                   command: str, ablation_of: str | None, child: bool = False) -> tuple[str, dict | None, str | None]:
+                   command: str, child: bool = False) -> tuple[str, dict | None, str | None]:
     """Run one spec and never raise, so one failed run does not stop the grid. `child`: a fresh worker
     process (before torch is imported there, its OpenMP threads are set to `threads`)."""
     if child:
         os.environ["OMP_NUM_THREADS"] = str(threads or 1)
     _quiet()
     try:
-        out = run_one(spec, grid, base_dir, results_dir, work_dir, threads, command, ablation_of)
+        out = run_one(spec, grid, base_dir, results_dir, work_dir, threads, command)
         return spec.run_id, _short(out), None
     except Exception as e:  # noqa: BLE001 - reported and counted by the parent
         import traceback
@@ -529,13 +524,17 @@ def _spread(xs: list[int]) -> dict:
     return {"min": s[0], "median": s[len(s) // 2], "max": s[-1]} if s else {}
 
 
+def noisy_ablations(grid: dict) -> list[str]:
+    """The ablations that train on the `noisy` expert."""
+    return [n for n, k in grid["ablations"].items() if (k or {}).get("expert_style") == "noisy"]
+
+
 def ensure_expert_facts(grid: dict, base_dir: str, results_dir: str) -> dict | None:
     """experts.json: where, in the base model's tokens, a noisy expert solution first differs from the correct
     one, against the lengths of the correct expert and of the native wording the policy was warm-started on.
     The token gap compares sample token t with expert token t only, so this says whether a noisy expert can
     reach its loss at all. Written once per settings hash when the grid has a noisy ablation; cheap (tokenising)."""
-    noisy = [n for n, k in grid["ablations"].items() if (k or {}).get("expert_style") == "noisy"]
-    if not noisy:
+    if not noisy_ablations(grid):
         return None
     path, h = Path(results_dir) / EXPERTS_FILE, settings_hash(grid)
     old = read_current(path, h)
@@ -615,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     base_cell = ablation_base(grid, results_dir, ns.ablation_base) if grid["ablations"] and wants_ablations else None
     runs = select_runs(grid_runs(grid, base_cell), only, ns.seeds, shard)
     h = settings_hash(grid)
-    done = [r for r in runs if _finished(result_path(results_dir, r), h)]
+    done = [r for r in runs if read_current(result_path(results_dir, r), h) is not None]  # finished, same settings
     todo = [r for r in runs if r not in done]
     stale = [r for r in todo if result_path(results_dir, r).is_file()]
     if stale:
@@ -654,13 +653,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if ns.jobs == 1:
         for i, spec in enumerate(todo, 1):
-            report(i, *_run_in_worker(spec, grid, base_dir, results_dir, work_dir, threads, command, spec.ablation_of))
+            report(i, *_run_in_worker(spec, grid, base_dir, results_dir, work_dir, threads, command))
     else:
         import multiprocessing as mp
 
         with ProcessPoolExecutor(ns.jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
-            futures = [pool.submit(_run_in_worker, spec, grid, base_dir, results_dir, work_dir, threads, command,
-                                   spec.ablation_of, True) for spec in todo]
+            futures = [pool.submit(_run_in_worker, spec, grid, base_dir, results_dir, work_dir, threads, command, True)
+                       for spec in todo]
             for i, fut in enumerate(as_completed(futures), 1):
                 report(i, *fut.result())
     print(f"{len(todo) - len(failed)} runs finished, {len(failed)} failed in {time.time() - t0:.0f} s"
