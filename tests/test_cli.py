@@ -19,6 +19,7 @@ from PIL import Image
 
 from calibrl import cli
 from calibrl.demo import DEMO_YAML
+from conftest import digit_rows
 
 REPO = Path(__file__).resolve().parents[1]
 CALIBRL = str(Path(sys.executable).with_name("calibrl"))
@@ -337,12 +338,6 @@ def test_help(capsys, command):
 
 
 # ------------------------------------------------------------------ bad data through `calibrl train`
-def _digit_file_rows(n: int) -> list[dict]:
-    from conftest import digit_rows
-
-    return digit_rows(n)
-
-
 def test_error_bad_rows_of_every_kind_through_train(capsys, tmp_path, tiny_yaml):
     """Unreadable/truncated image bytes, mismatched placeholders, non-UTF-8 text, an empty file: one line each."""
     from calibrl.data import save_rows
@@ -352,7 +347,7 @@ def test_error_bad_rows_of_every_kind_through_train(capsys, tmp_path, tiny_yaml)
         _one_line_error(capsys, ["train", str(tiny_yaml), "--dataset", str(path), "--output_dir",
                                  str(tmp_path / f"out_{path.stem}")], *expected)
 
-    rows = _digit_file_rows(3)
+    rows = digit_rows(3)
     save_rows(rows, tmp_path / "truncated.jsonl")  # images become PNG files next to the jsonl
     png = sorted((tmp_path / "truncated_images").glob("*.png"))[1]
     png.write_bytes(png.read_bytes()[:-30])  # the second row's image loses its end
@@ -376,7 +371,7 @@ def test_messy_data_trains_and_the_run_summary_counts_it(capsys, tmp_path, tiny_
     (the first as plain GRPO, the others cleaned / truncated), and the run's summary and run.json count each."""
     from calibrl.data import save_rows
 
-    rows = _digit_file_rows(4)  # 4 prompts, 2 per step, 2 steps: one epoch, every row seen once
+    rows = digit_rows(4)  # 4 prompts, 2 per step, 2 steps: one epoch, every row seen once
     rows[0]["solution"] = None
     rows[1]["solution"] = "<image><answer>7</answer>"  # short, as row 3
     rows[2]["solution"] = "<think>" + "1 + " * 40 + "</think><answer>41</answer>"  # far over 24 tokens
