@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
 import pytest
 
-from benchmarks import report, reproduce
+from benchmarks import branches, report, reproduce
+from calibrl import recipes
+from calibrl.tasks.common import noisy_count
 
 
 @pytest.fixture(scope="module")
@@ -155,20 +158,13 @@ def test_ablations_also_on_names_are_checked(tmp_path):
 
 
 def test_expert_facts_locate_where_the_noisy_expert_differs(quick, tmp_path):
-    import json
-
-    from calibrl.tasks.common import noisy_count
-
     root, _ = quick
     base_dir = json.loads((root / "results" / "base.json").read_text(encoding="utf-8"))["base_model"]
     grid = reproduce.load_grid(quick=True)
     assert reproduce.ensure_expert_facts(grid, base_dir, str(tmp_path)) is None  # no noisy ablation: nothing
     grid["ablations"] = {"noisy_expert": {"expert_style": "noisy"}}
     facts = reproduce.ensure_expert_facts(grid, base_dir, str(tmp_path))
-    n = grid["train"]["n_train"]
-    from calibrl import recipes
-
-    t = grid["train"]
+    n, t = grid["train"]["n_train"], grid["train"]
     right, wrong = (recipes.task_rows(t["dataset"], "train", n, t["task_seed"], style, 0.3, t.get("difficulty"),
                                       t.get("task_types")) for style in ("mismatched", "noisy"))
     differ = sum(a["solution"] != b["solution"] for a, b in zip(right, wrong))
@@ -217,10 +213,6 @@ def test_no_spread_differences_are_not_tested():
 
 
 def test_branch_audit_counts_steps_whose_slope_follows_correctness(tmp_path):
-    import json
-
-    from benchmarks import branches
-
     grid = reproduce.load_grid()
     h = reproduce.settings_hash(grid)
     results, work = tmp_path / "results", tmp_path / "work"
