@@ -19,7 +19,6 @@ they differ a little even then. Only runs whose result JSON has the current sett
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -30,10 +29,13 @@ BRANCHES_FILE = "branches.json"
 EXACT = 1e-6
 
 
-def _steps(path: Path) -> list[dict]:
-    if not path.is_file():
+def _steps(run_dir: Path) -> list[dict]:
+    """The training logs of a run folder that carry the guidance diagnostics ([] without a metrics.jsonl)."""
+    from calibrl.run_log import read_run
+
+    if not (run_dir / "metrics.jsonl").is_file():
         return []
-    return [r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())
+    return [r for r in read_run(run_dir)["metrics"]
             if "calibrl/frac_full_slope" in r and "rewards/accuracy_reward/mean" in r]
 
 
@@ -45,15 +47,15 @@ def audit(results_dir: str | os.PathLike, work_dirs: list[str | os.PathLike], gr
     for run in reproduce.load_runs(results_dir):
         if run["settings_hash"] != h or run["method"] != "calibrl":
             continue
-        found = [s for s in (_steps(Path(w) / run["run_id"] / "metrics.jsonl") for w in work_dirs)
+        found = [s for s in (_steps(Path(w) / run["run_id"]) for w in work_dirs)
                  if len(s) == run["global_step"]]  # a folder of another length belongs to another run
         if not found:
             continue
         steps = found[-1]
-        c = cells.setdefault(run["cell"], {"gap": run["config"]["train"]["gap"], "runs": [], "diff": [],
+        c = cells.setdefault(run["cell"], {"gap": run["config"]["train"]["gap"], "runs": 0, "diff": [],
                                            "gap_mean": [], "expert_logp": [], "positive": [], "runs_positive": 0})
         c["runs_positive"] += any("calibrl/frac_gap_positive" in r for r in steps)
-        c["runs"].append(run["run_id"])
+        c["runs"] += 1
         for r in steps:
             c["diff"].append(r["calibrl/frac_full_slope"] - (1.0 - r["rewards/accuracy_reward/mean"]))
             c["gap_mean"].append(r["calibrl/gap_mean"])
@@ -64,7 +66,7 @@ def audit(results_dir: str | os.PathLike, work_dirs: list[str | os.PathLike], gr
     out = {}
     for cell, c in sorted(cells.items()):
         d = c["diff"]
-        out[cell] = {"gap": c["gap"], "runs": len(c["runs"]), "steps": len(d),
+        out[cell] = {"gap": c["gap"], "runs": c["runs"], "steps": len(d),
                      "steps_equal": sum(abs(x) < EXACT for x in d),
                      "full_minus_wrong": {"mean": sum(d) / len(d), "min": min(d), "max": max(d)},
                      "gap_mean": sum(c["gap_mean"]) / len(c["gap_mean"]),
