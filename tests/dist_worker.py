@@ -16,7 +16,7 @@ from datasets import Dataset  # noqa: E402
 
 from calibrl import CalibRLConfig, CalibRLTrainer  # noqa: E402
 from calibrl.models import load_tiny_model  # noqa: E402
-from conftest import digit_rows, hash_accuracy, hash_format  # noqa: E402
+from helpers import digit_rows, hash_accuracy, hash_format  # noqa: E402
 from fakes import FakeVLLM  # noqa: E402
 
 

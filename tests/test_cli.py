@@ -19,7 +19,7 @@ from PIL import Image
 
 from calibrl import cli
 from calibrl.demo import DEMO_YAML
-from conftest import digit_rows
+from helpers import digit_rows
 
 REPO = Path(__file__).resolve().parents[1]
 CALIBRL = str(Path(sys.executable).with_name("calibrl"))

@@ -12,9 +12,8 @@ from calibrl import CalibRLConfig, CalibRLTrainer
 from calibrl.models import load_tiny_model
 from calibrl.reward_guard import GuardedReward, RewardFaults
 
-from conftest import digit_rows, hash_accuracy, hash_format
+from helpers import COMMON, assert_same_params, digit_rows, hash_accuracy, hash_format, make_trainer, params
 from fakes import FakeVLLM
-from test_trainer import COMMON, make_trainer, params, assert_same_params
 
 
 # ------------------------------------------------------------------ the reward guard on its own

@@ -10,35 +10,8 @@ from trl import GRPOConfig, GRPOTrainer
 from calibrl import CalibRLConfig, CalibRLTrainer
 from calibrl.models import load_tiny_model
 
-from conftest import digit_rows, hash_accuracy, hash_format, text_rows
-
-COMMON = dict(
-    use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=1, seed=0,
-    per_device_train_batch_size=8, num_generations=4, max_completion_length=12, learning_rate=5e-3,
-    reward_weights=[1.0, 0.1], disable_tqdm=True,
-)
-
-
-def make_trainer(model_dir, out, cls=CalibRLTrainer, cfg_cls=CalibRLConfig, rows=None, **kw):
-    model, proc = load_tiny_model(model_dir)
-    cfg = cfg_cls(output_dir=str(out), **{**COMMON, **kw})
-    ds = Dataset.from_list(rows if rows is not None else digit_rows(32))
-    return cls(model=model, reward_funcs=[hash_accuracy, hash_format], args=cfg, train_dataset=ds,
-               processing_class=proc)
-
-
-def params(trainer):
-    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-
-
-def assert_same_params(a, b, atol=1e-6):
-    assert a.keys() == b.keys()
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= atol, f"max parameter difference {worst}"
-
-
-def losses_of(trainer):
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+from helpers import (COMMON, assert_same_params, digit_rows, hash_accuracy, hash_format, losses_of, make_trainer,
+                     params, text_rows)
 
 
 # ------------------------------------------------------------------ equivalence with TRL

@@ -15,7 +15,7 @@ from trl import GRPOTrainer
 from calibrl import CalibRLConfig, CalibRLTrainer
 from calibrl.models import load_tiny_model
 
-from conftest import digit_rows, hash_accuracy, hash_format
+from helpers import digit_rows, hash_accuracy, hash_format
 
 
 def test_pinned_trl_version():

@@ -10,8 +10,12 @@ __all__ = ["CalibRLConfig", "CalibRLTrainer", "__version__"]
 
 
 def __getattr__(name):
-    if name in ("CalibRLConfig", "CalibRLTrainer"):
-        from calibrl import trainer
+    if name == "CalibRLConfig":
+        from calibrl.config import CalibRLConfig
 
-        return getattr(trainer, name)
+        return CalibRLConfig
+    if name == "CalibRLTrainer":
+        from calibrl.trainer import CalibRLTrainer
+
+        return CalibRLTrainer
     raise AttributeError(f"module 'calibrl' has no attribute {name!r}")

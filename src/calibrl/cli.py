@@ -47,7 +47,7 @@ class Command:
 # ----------------------------------------------------------------------------------------------------------
 def _train_fields() -> list[type]:
     from calibrl.recipes import RunArgs
-    from calibrl.trainer import CalibRLConfig
+    from calibrl.config import CalibRLConfig
 
     return [CalibRLConfig, RunArgs]
 
@@ -62,7 +62,7 @@ def cpu_defaults() -> dict:
 def load_train_config(config_path: str | None, overrides: list[str], section: str = "train"):
     """(CalibRLConfig, RunArgs) from a YAML file and `--key value` overrides; nothing is built or trained."""
     from calibrl.recipes import RunArgs, default_reward_weights, parse_config
-    from calibrl.trainer import CalibRLConfig
+    from calibrl.config import CalibRLConfig
 
     def finalize(values: dict) -> None:
         if values.get("output_dir") is None:
