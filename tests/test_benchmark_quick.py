@@ -10,8 +10,10 @@ import shutil
 import pytest
 
 from benchmarks import branches, report, reproduce
-from calibrl import recipes
+from calibrl.config import DataSource
 from calibrl.tasks.common import noisy_count
+
+pytestmark = pytest.mark.slow  # every test here trains a model or starts processes
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +167,9 @@ def test_expert_facts_locate_where_the_noisy_expert_differs(quick, tmp_path):
     grid["ablations"] = {"noisy_expert": {"expert_style": "noisy"}}
     facts = reproduce.ensure_expert_facts(grid, base_dir, str(tmp_path))
     n, t = grid["train"]["n_train"], grid["train"]
-    right, wrong = (recipes.task_rows(t["dataset"], "train", n, t["task_seed"], style, 0.3, t.get("difficulty"),
-                                      t.get("task_types")) for style in ("mismatched", "noisy"))
+    source = DataSource(dataset=t["dataset"], n_train=n, task_seed=t["task_seed"], noise_rate=0.3,
+                        difficulty=t.get("difficulty"), task_types=t.get("task_types"))
+    right, wrong = (source.training_rows(expert_style=style) for style in ("mismatched", "noisy"))
     differ = sum(a["solution"] != b["solution"] for a, b in zip(right, wrong))
     assert facts["rows"] == n and facts["noisy_rows"] == differ > 0
     # noise is drawn before the task_types filter, so the kept rows hold about (not exactly) noise_rate

@@ -77,6 +77,7 @@ def trainer(tiny_vlm_dir, tmp_path_factory):
     return tr
 
 
+@pytest.mark.slow
 def test_attributes_we_read_exist(trainer):
     for name in ("reward_func_names", "reward_weights", "eos_token_ids", "_tokenizer", "_metrics", "num_generations",
                  "max_completion_length", "epsilon_low", "epsilon_high", "importance_sampling_level", "loss_type",
@@ -88,6 +89,7 @@ def test_attributes_we_read_exist(trainer):
     assert isinstance(trainer.eos_token_ids, list) and isinstance(trainer.eos_token_ids[0], int)
 
 
+@pytest.mark.slow
 def test_hook_return_shapes(trainer):
     rows = [r for r in digit_rows(2) for _ in range(4)]
     torch.manual_seed(0)
