@@ -359,7 +359,7 @@ def test_error_other_commands(capsys, tmp_path):
                     "/nonexistent/base")
 
 
-@pytest.mark.parametrize("command", [None, "train", "sft", "eval", "plot", "demo"])
+@pytest.mark.parametrize("command", [None, "train", "sft", "eval", "plot", "probe", "demo"])
 def test_help(capsys, command):
     argv = ([command] if command else []) + ["--help"]
     try:

@@ -4,6 +4,7 @@
     calibrl sft CONFIG.yaml [--key value ...]     supervised warm start on expert solutions
     calibrl eval MODEL --data task:digits         held-out greedy accuracy, pass@k, format rate
     calibrl plot RUN_DIR [RUN_DIR ...]            training curves of run folders, overlaid
+    calibrl probe MODEL --data task:digits        before training: where the expert sits for the policy
     calibrl demo                                  the whole pipeline on a tiny model, offline, on CPU
 
 A command module has `run(...)` and either `add_arguments(parser)` (argparse options) or `CONFIG_TYPES` (it
@@ -31,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "sft": ("sft", "supervised warm start on expert solutions", True),
     "eval": ("eval", "held-out accuracy / pass@k / format rate of a model", False),
     "plot": ("plot", "PNG training curves of one or more run folders", False),
+    "probe": ("probe", "before training: where the expert sits for your policy (the regime CalibRL works in)", False),
     "demo": ("demo", "tiny Qwen2.5-VL, digits task: SFT warm start, evaluate, CalibRL, evaluate (CPU, offline)", False),
 }
 
