@@ -251,11 +251,10 @@ def rel_to_root(path) -> str:
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
     """Write atomically: a half-written file never looks like a finished run."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from calibrl.files import atomic_write_json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, data, indent=1)
 
 
 def machine_info() -> dict:

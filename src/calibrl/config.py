@@ -188,6 +188,9 @@ class SFTArgs(DataSource):
 
     expert_style: str = field(default="native", metadata={"help": "Expert style of a task: dataset (the SFT "
                               "targets): native, mismatched or noisy."})
+    mismatched_share: float = field(default=0.0, metadata={"help": "Share of a task's SFT targets written in the "
+                                    "`mismatched` wording (the rest in expert_style): the regime knob, a warm start "
+                                    "under which the RL expert's wording is plausible but not the policy's own."})
     model: str = field(default="tiny:qwen2_5_vl:small", metadata={"help": "Model directory or tiny:<family>:<size>."})
     output_dir: str | None = field(default=None, metadata={"help": "Where the model is saved (default runs/sft)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
@@ -211,6 +214,8 @@ class SFTArgs(DataSource):
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
 
     def __post_init__(self):
+        if not 0.0 <= self.mismatched_share <= 1.0:
+            raise ValueError(f"mismatched_share must be in [0, 1], got {self.mismatched_share}")
         if self.max_steps < 1 or self.batch_size < 1 or self.select_every < 1 or self.max_length < 2:
             raise ValueError("max_steps, batch_size and select_every must be >= 1 and max_length >= 2")
         if self.learning_rate <= 0:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from dataclasses import asdict
 
@@ -84,14 +85,30 @@ def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------
+def mix_wordings(rows: list[dict], mismatched: list[dict], share: float, seed: int) -> tuple[list[dict], int]:
+    """`rows` with round(share * n) of them (chosen from `seed`) taking their solution from `mismatched` (the
+    same problems in the mismatched wording): a warm start under which that wording is plausible to the
+    policy but not its first choice. Returns (rows, how many were switched)."""
+    if len(rows) != len(mismatched) or any(a["prompt"] != b["prompt"] for a, b in zip(rows, mismatched)):
+        raise ValueError("the two wordings must be the same problems in the same order")
+    k = round(share * len(rows))
+    switched = set(random.Random(f"calibrl/mismatched_share/{seed}").sample(range(len(rows)), k))
+    return [{**r, "solution": m["solution"]} if i in switched else r
+            for i, (r, m) in enumerate(zip(rows, mismatched))], k
+
+
 def sft_rows(args: SFTArgs) -> tuple[list[dict], list[dict], str]:
     """(training rows, validation rows, description). Rows without a solution are an error."""
     if task_name(args.dataset) is not None:
         train = args.training_rows()
+        described = f"{args.expert_style} solutions"
+        if args.mismatched_share > 0:
+            train, k = mix_wordings(train, args.training_rows("mismatched"), args.mismatched_share, args.task_seed)
+            described += f", {k} of them in the mismatched wording"
         select = []
         if args.select_window is not None:
             select = args.heldout_rows("train", args.n_select, stream="sft_select")
-        return train, select, f"{args.dataset}: {len(train)} train rows, {args.expert_style} solutions"
+        return train, select, f"{args.dataset}: {len(train)} train rows, {described}"
     dataset, summary = load_data_file(args.dataset)
     rows = [dataset[i] for i in range(len(dataset))]
     missing = [i for i, r in enumerate(rows) if not isinstance(r.get(args.expert_column), str)

@@ -119,6 +119,8 @@ def warm_start_dir(sft_args: SFTArgs) -> Path:
     from calibrl import __version__
 
     settings = {k: v for k, v in asdict(sft_args).items() if k not in ("output_dir", "overwrite", "disable_tqdm")}
+    if not settings["mismatched_share"]:  # a field added later counts only when set: older warm starts keep their key
+        del settings["mismatched_share"]
     settings["calibrl"] = __version__
     return cache_dir() / f"sft-{settings_hash(settings)}"
 
