@@ -242,7 +242,7 @@ def setting_section(data: dict) -> list[str]:
         sft = base["sft"]
         b = base["final"]
         lines.append(f"- **Base model** (every run starts here): `{Path(base['base_model']).name}`, an SFT warm start "
-                     f"(`calibrl.demo.warm_start`, grid `sft`) on `native` wording, kept at step {sft.get('chosen_step')} "
+                     f"(`calibrl.commands.demo.warm_start`, grid `sft`) on `native` wording, kept at step {sft.get('chosen_step')} "
                      f"(validation accuracy {_pct(sft.get('select_accuracy'))}, train split). Held-out greedy accuracy "
                      f"before RL: in-domain {100 * b['test']['accuracy']:.1f}% (n={b['test']['n']}), out-of-domain "
                      f"{100 * b['ood']['accuracy']:.1f}% (n={b['ood']['n']}).")

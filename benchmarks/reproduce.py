@@ -18,7 +18,7 @@ base model's own held-out accuracy. Run folders (metrics.jsonl, eval.jsonl, run.
 (default .cache/calibrl/bench/); the JSON keeps what the report needs, curves included.
 
 What is shared by every run (grid.yaml `sft`, `train`, `final_eval`): the base model (an SFT warm start on
-`native` wording made and cached by calibrl.demo.warm_start), the training rows (task:digits with `mismatched` expert
+`native` wording made and cached by calibrl.commands.demo.warm_start), the training rows (task:digits with `mismatched` expert
 solutions), prompts and rollouts per step, optimizer steps, learning rate, and the final greedy evaluation
 (`final_eval.n_eval` rows per split, drawn like the demo's, never trained on). A seed fixes the RL sampling
 and the data order, so the same seed gives every method the same prompts in the same order: comparisons with
