@@ -32,6 +32,7 @@ ROOT = reproduce.ROOT
 DOC_PATH = ROOT / "docs" / "RESULTS.md"
 FIG_DIR = ROOT / "docs" / "figures"
 ALPHA = 0.05
+POWER = 0.8  # for the minimum detectable effects
 
 LABELS = {
     "grpo": "GRPO",
@@ -100,6 +101,25 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict:
         else:
             out["p"] = float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
     return out
+
+
+def mde(d: dict, power: float = POWER) -> float | None:
+    """Minimum detectable effect of a paired comparison at its own n and spread: the true mean difference a
+    two-sided paired t-test at ALPHA would detect with probability `power`, (t_{1-α/2} + t_power) · sd / √n."""
+    from scipy import stats
+
+    if d["n"] < 2 or d["sd"] is None or d["sd"] < 1e-9:
+        return None
+    df = d["n"] - 1
+    return float(stats.t.ppf(1 - ALPHA / 2, df) + stats.t.ppf(power, df)) * d["sd"] / math.sqrt(d["n"])
+
+
+def seeds_for(sd: float, effect: float, power: float = POWER) -> int:
+    """The fewest paired seeds whose minimum detectable effect is <= `effect` at paired spread `sd`."""
+    n = 2
+    while n < 1000 and mde({"n": n, "sd": sd}, power) > effect:
+        n += 1
+    return n
 
 
 def verdict(d: dict, expected: int) -> str:
@@ -478,7 +498,10 @@ def claims(data: dict, cells: dict) -> list[str]:
             checks.append((text if cell == base else f"{text}, on {label(cell)}", cell, f"{cell}+{name}", "test", 1,
                            paper))
     lines = ["Each line: the claim, the paper's figure, the paired difference measured here (a − b, in points "
-             "for accuracy, nats for entropy; mean [95% CI], paired t-test p, number of paired seeds) and the "
+             "for accuracy, nats for entropy; mean [95% CI], paired t-test p, number of paired seeds, and the "
+             f"minimum detectable effect (MDE: the true difference a paired t-test at p < {ALPHA} would detect "
+             f"with {POWER:.0%} power at this n and spread), so that \"not significant\" reads as \"smaller than "
+             "the MDE, or not measurable here\") and the "
              f"verdict at p < {ALPHA}: **holds** (significant, in the claimed direction), **not significant**, "
              "**contradicted** (significant, opposite direction), or **not testable yet** (fewer than two "
              "paired seeds).", ""]
@@ -488,8 +511,10 @@ def claims(data: dict, cells: dict) -> list[str]:
         tally[verdict(d, sign).split(" (")[0]] += 1
         unit = "" if name == "entropy" else " points"
         what = {"test": "in-domain", "ood": "out-of-domain", "entropy": "final entropy"}[name]
+        m = mde(d)
         measured = ("no paired runs yet" if d["n"] == 0 else fmt_diff(d, 3 if name == "entropy" else 1, unit)
-                    + (f", n = {d['n']}" if d["n"] > 1 else ""))
+                    + (f", n = {d['n']}" if d["n"] > 1 else "")
+                    + ("" if m is None else f", MDE {m:.{3 if name == 'entropy' else 1}f}{unit}"))
         lines.append(f"- {text} (paper: {paper}). {label(a)} vs {label(b)}, {what}: {measured}: "
                      f"**{verdict(d, sign)}**.")
     d = paired(values(cells, "calibrl_token", "per_step_s"), values(cells, "grpo", "per_step_s"))
@@ -501,6 +526,28 @@ def claims(data: dict, cells: dict) -> list[str]:
     lines += ["", "**In short:** of the " + str(sum(tally.values())) + " claims checked, "
               + ", ".join(f"{n} {v}" for v, n in tally.most_common()) + "."]
     return lines
+
+
+def power_section(data: dict, cells: dict) -> list[str]:
+    """How many seeds a comparison needs to see the paper's in-domain effect sizes, from the measured spread."""
+    lines = ["## Power", "",
+             f"From the seed-to-seed spread of each paired in-domain difference measured above: the seeds a paired "
+             f"t-test (p < {ALPHA}, {POWER:.0%} power) needs to detect a difference of 3 points and of the paper's "
+             "+5.45 points, at the same evaluation size (n rows per split as in the setting).", ""]
+    rows = []
+    for a, b in (("calibrl_token", "grpo"), ("calibrl_sequence", "grpo"), ("calibrl_token", "calibrl_constant"),
+                 ("luffy_calibrl_baseline", "grpo")):
+        d = paired(values(cells, a, "test"), values(cells, b, "test"))
+        if d["n"] < 2 or d["sd"] is None or d["sd"] < 1e-9:
+            continue
+        m = mde(d)
+        rows.append([f"{label(a)} − {label(b)}", str(d["n"]), f"{d['sd']:.1f}", f"{m:.1f}",
+                     str(seeds_for(d["sd"], 3.0)), str(seeds_for(d["sd"], 5.45))])
+    if not rows:
+        return []
+    lines += table(["comparison", "paired seeds", "sd of the difference (points)", "MDE now (points)",
+                    "seeds for 3 points", "seeds for 5.45 points"], rows)
+    return lines + [""]
 
 
 def seeds_table(data: dict, cells: dict) -> list[str]:
@@ -665,6 +712,7 @@ def build_report(results_dir: str | os.PathLike, out_md: str | os.PathLike, fig_
               "final evaluation).", ""]
     lines += main_table(data, cells) + [""]
     lines += ["## Against the paper's claims", ""] + claims(data, cells) + [""]
+    lines += power_section(data, cells)
     lines += ["## Ablations", ""] + ablation_table(data, cells) + [""]
     lines += also_on_table(data, cells) + noisy_expert_reading(data, cells) + branch_reading(data)
     figs = figures(data, cells, fig_dir)

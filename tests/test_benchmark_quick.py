@@ -134,6 +134,15 @@ def test_statistics_match_scipy_by_hand():
     assert report.verdict(report.paired({0: 1.0}, {0: 0.0}), 1).startswith("not testable")
 
 
+def test_minimum_detectable_effect_and_seeds_needed():
+    # (t_{0.975,4} + t_{0.8,4}) / sqrt(5) = (2.7764 + 0.9410) / 2.2361
+    assert report.mde({"n": 5, "sd": 1.0}) == pytest.approx(1.6625, abs=1e-3)
+    assert report.mde({"n": 5, "sd": 0.0}) is None and report.mde({"n": 1, "sd": None}) is None
+    n = report.seeds_for(6.9, 3.0)
+    assert report.mde({"n": n, "sd": 6.9}) <= 3.0 < report.mde({"n": n - 1, "sd": 6.9})
+    assert report.seeds_for(6.9, 5.45) < n
+
+
 def test_ablations_also_on_another_cell_are_scheduled_with_their_own_base():
     grid = reproduce.load_grid()
     assert grid["ablations_also_on"] == {"calibrl_sequence": ["noisy_expert"]}
