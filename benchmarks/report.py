@@ -33,6 +33,8 @@ DOC_PATH = ROOT / "docs" / "RESULTS.md"
 FIG_DIR = ROOT / "docs" / "figures"
 ALPHA = 0.05
 POWER = 0.8  # for the minimum detectable effects
+REGIME_FILE = "regime/bases.json"  # benchmarks/regime.py
+TARGET_SHARE = (0.3, 0.7)  # the regime sought: the expert inside the samples' distribution (token gap > 0 share)
 
 LABELS = {
     "grpo": "GRPO",
@@ -158,10 +160,10 @@ def load(results_dir: str | os.PathLike, grid_path: str | os.PathLike) -> dict:
     if grid["ablations"]:
         abl_base = bases.most_common(1)[0][0] if bases else reproduce.ablation_base(grid, results_dir)
     expected = reproduce.grid_runs(grid, abl_base)
-    experts, branches = (reproduce.read_current(results_dir / name, h)
-                         for name in (reproduce.EXPERTS_FILE, BRANCHES_FILE))
+    experts, branches, regime = (reproduce.read_current(results_dir / name, h)
+                                 for name in (reproduce.EXPERTS_FILE, BRANCHES_FILE, REGIME_FILE))
     return {"grid": grid, "grid_path": str(grid_path), "hash": h, "base": base, "runs": runs, "stale": stale,
-            "ablation_base": abl_base, "experts": experts, "branches": branches,
+            "ablation_base": abl_base, "experts": experts, "branches": branches, "regime": regime,
             "expected": expected, "quick": quick}
 
 
@@ -550,6 +552,54 @@ def power_section(data: dict, cells: dict) -> list[str]:
     return lines + [""]
 
 
+def regime_section(data: dict) -> list[str]:
+    """The regime knob: bases warm-started with a share of the expert's wording, measured before any RL."""
+    regime = data.get("regime")
+    if not regime or not regime.get("bases"):
+        return []
+    bases = sorted(regime["bases"].values(), key=lambda b: b["share"])
+    lines = ["## The regime knob: where the expert sits, before RL", "",
+             "The grid above starts from a base warm-started on the `native` wording only, under which the expert's "
+             "`mismatched` wording is far less likely than the policy's own samples, so CalibRL's slope follows "
+             "correctness alone. `python -m benchmarks.regime` warm-starts bases with a share of the SFT targets in "
+             "the mismatched wording (SFTArgs `mismatched_share`; otherwise the grid's `sft` settings) and measures "
+             "each with `calibrl probe` on the RL training rows (mismatched experts; "
+             f"{bases[0]['probe']['prompts']} prompts x {bases[0]['probe']['num_generations']} samples at the RL "
+             "completion limit and temperature) and with the final evaluation's held-out rows. Log-probs are "
+             "per token, mean ± sd over experts or samples; 'gap > 0' is the share of sample tokens (token gap) or "
+             "samples (sequence gap) more likely than the expert.", ""]
+    rows = []
+    for b in bases:
+        pr, h = b["probe"], b["heldout"]
+        sh, g = pr["share_gap_positive"], pr["groups"]
+        rows.append([f"{100 * b['share']:g}%", str(b["sft"]["chosen_step"]),
+                     f"{pr['expert_logp_per_token']['mean']:.2f} ± {pr['expert_logp_per_token']['std']:.2f}",
+                     f"{pr['sample_logp_per_token']['mean']:.2f} ± {pr['sample_logp_per_token']['std']:.2f}",
+                     f"{sh['token']:.2f}", f"{sh['sequence']:.2f}",
+                     f"{100 * g['all_wrong']:.0f} / {100 * g['mixed']:.0f} / {100 * g['all_right']:.0f}",
+                     _pct(h["test"]["accuracy"]), _pct(h["ood"]["accuracy"])])
+    lines += table(["mismatched share of SFT targets", "SFT step kept", "expert log-prob / token",
+                    "own samples' log-prob / token", "gap > 0: token", "gap > 0: sequence",
+                    "groups wrong / mixed / right (%)", "held-out test", "held-out ood"], rows)
+    zero, grid_base = next((b for b in bases if b["share"] == 0), None), data.get("base")
+    if zero and grid_base and zero["sft"]["chosen_step"] != grid_base["sft"]["chosen_step"]:
+        lines += ["", f"The 0% base has the grid's settings but is not the grid's base: trained again here "
+                  f"({zero['machine'].get('torch_threads')} torch thread), it kept step {zero['sft']['chosen_step']} "
+                  f"({_pct(zero['heldout']['test']['accuracy'])} held-out test) where the grid's cached base kept step "
+                  f"{grid_base['sft']['chosen_step']} ({_pct(grid_base['final']['test']['accuracy'])}). Their SFT "
+                  "validation curves part from the first checks on: the warm start reproduces only at the thread "
+                  "count it was made with (floating-point summation order), as the demo does."]
+    lo, hi = TARGET_SHARE
+    inside = [b for b in bases if lo <= b["probe"]["share_gap_positive"]["token"] <= hi]
+    lines += ["", "Bases in the target regime (token-gap share between "
+              f"{lo} and {hi}, the expert inside the samples' distribution): "
+              + (", ".join(f"{100 * b['share']:g}%" for b in inside) if inside else "none yet") + ". "
+              "The RL grid on these bases (GRPO, CalibRL token and sequence gaps, the constant control, the noisy "
+              "expert on both gaps, LUFFY; at least 10 seeds) has not been run yet: the Power section above says "
+              "how many seeds a 3-point difference needs at the spread measured so far.", ""]
+    return lines
+
+
 def seeds_table(data: dict, cells: dict) -> list[str]:
     """Every finished run's own numbers (in-domain / out-of-domain %), cell by seed."""
     seeds = sorted({r["seed"] for r in data["runs"]})
@@ -715,6 +765,7 @@ def build_report(results_dir: str | os.PathLike, out_md: str | os.PathLike, fig_
     lines += power_section(data, cells)
     lines += ["## Ablations", ""] + ablation_table(data, cells) + [""]
     lines += also_on_table(data, cells) + noisy_expert_reading(data, cells) + branch_reading(data)
+    lines += regime_section(data)
     figs = figures(data, cells, fig_dir)
     lines += ["## Curves", "", "Mean over seeds, shaded from the lowest to the highest seed at each step.", ""]
     for caption, path in figs:
