@@ -32,7 +32,7 @@ def test_warm_start_cache_key_ignores_an_unset_share():
 
 @pytest.mark.slow
 def test_regime_script_quick_is_resumable(tmp_path, monkeypatch):
-    from benchmarks import regime
+    from benchmarks import regime, report
 
     monkeypatch.setenv("CALIBRL_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "bases.json"
@@ -41,6 +41,8 @@ def test_regime_script_quick_is_resumable(tmp_path, monkeypatch):
     assert set(data["bases"]) == {"0", "0.5"} and data["quick"] is True
     for entry in data["bases"].values():
         assert 0.0 <= entry["probe"]["share_gap_positive"]["token"] <= 1.0 and "test" in entry["heldout"]
+    section = "\n".join(report.regime_section({"regime": data, "base": None}))
+    assert "| 0% |" in section and "| 50% |" in section and "Bases in the target regime" in section
     stamp = out.stat().st_mtime_ns
     assert regime.main(["--quick", "--out", str(out), "--shares", "0"]) == 0  # done already: nothing redone
     assert out.stat().st_mtime_ns == stamp
