@@ -263,12 +263,12 @@ class Budget:
 # ----------------------------------------------------------------------------------------------------------
 # The benchmark
 # ----------------------------------------------------------------------------------------------------------
-def make_bench_trainer(method: str, model, proc, dataset, opts, out_dir: str, device: str):
+def make_bench_trainer(method: str, model, proc, dataset, opts, out_dir: str, device: str, dtype: torch.dtype):
     from calibrl import CalibRLConfig, CalibRLTrainer
     from calibrl.rewards import accuracy_reward, format_reward
 
     cfg = CalibRLConfig(
-        output_dir=out_dir, method=method, use_cpu=device != "cuda", bf16=device == "cuda", report_to="none",
+        output_dir=out_dir, method=method, use_cpu=device != "cuda", bf16=dtype == torch.bfloat16, report_to="none",
         save_strategy="no", disable_tqdm=True, seed=0, learning_rate=0.0, max_steps=10_000,
         per_device_train_batch_size=opts.generations, num_generations=opts.generations,
         max_completion_length=opts.completion_tokens, reward_weights=[1.0, 0.1, 0.1], dataloader_pin_memory=False,
@@ -307,7 +307,7 @@ def overhead_benchmark(opts, device: str, dtype: torch.dtype, budget: Budget, lo
     models = {"grpo": model, "calibrl": copy.deepcopy(model)}
     trainers, clocks = {}, {}
     for m in ("grpo", "calibrl"):
-        trainers[m] = make_bench_trainer(m, models[m], proc, dataset, opts, f"{tmp}/bench-{m}", device)
+        trainers[m] = make_bench_trainer(m, models[m], proc, dataset, opts, f"{tmp}/bench-{m}", device, dtype)
         clocks[m] = PhaseClock(device)
         clocks[m].wrap(trainers[m], "_generate_single_turn", "generation")
         clocks[m].wrap(trainers[m], "_generate_and_score_completions", "generate_and_score")

@@ -34,6 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 
@@ -174,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the JSON to this file")
     p.add_argument("--cpu-only", action="store_true", help="everything on the CPU in float32 at toy shapes")
     p.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget for all parts (seconds)")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="weights and compute (auto: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     g = p.add_argument_group("1-2. correctness (tiny model)")
     g.add_argument("--runs", default=",".join(r[0] for r in RUNS), help="subset of " + ",".join(r[0] for r in RUNS))
@@ -217,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cuda = not args.cpu_only
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    if args.dtype != "auto":
+        dtype = getattr(torch, args.dtype)
 
     def pick(value, on_cuda, on_cpu):
         return value if value is not None else (on_cuda if cuda else on_cpu)
@@ -298,8 +303,10 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             try:
                 report["overhead"] = ov = gpu_bench.overhead_benchmark(bench, device, dtype, budget, log, tmp)
-            except torch.cuda.OutOfMemoryError as e:
-                report["overhead"] = ov = {"ok": False, "error": f"out of GPU memory: {str(e)[:300]}"}
+            except Exception as e:  # noqa: BLE001  (one try on the GPU: keep what part 1-2 found, say what broke)
+                report["overhead"] = ov = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:500]}",
+                                           "traceback": traceback.format_exc()[-3000:]}
+                log(f"overhead: FAILED with {ov['error']}\n{ov['traceback']}")
             report["phase_s"]["overhead"] = time.perf_counter() - t0
             report["skipped"] += [f"overhead: {n}" for n in ov.get("notes", [])]
             if "ratio_calibrl_over_grpo" in ov:
