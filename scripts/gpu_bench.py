@@ -334,6 +334,7 @@ def overhead_benchmark(opts, device: str, dtype: torch.dtype, budget: Budget, lo
     peak: dict[str, list[float]] = {"grpo": [], "calibrl": []}
     step_mem: dict[str, list[float]] = {"grpo": [], "calibrl": []}
     lengths: dict[str, list[float]] = {"grpo": [], "calibrl": []}
+    losses: dict[str, list[float]] = {"grpo": [], "calibrl": []}  # warm-up included
     notes: list[str] = []
     pair_s = None
     for step in range(opts.timed_steps + 1):
@@ -355,12 +356,13 @@ def overhead_benchmark(opts, device: str, dtype: torch.dtype, budget: Budget, lo
             clocks[m].take()
             sync(device)
             t = time.perf_counter()
-            tr.training_step(tr.model, batch, None)
+            loss = tr.training_step(tr.model, batch, None)
             sync(device)
             dt = time.perf_counter() - t
             tr.model.zero_grad(set_to_none=True)
             split = step_split({**clocks[m].take(), "step": dt})
             lens = tr._metrics["train"].get("completions/mean_length") or [float("nan")]
+            losses[m].append(float(loss))
             if step > 0:
                 steps[m].append(split)
                 lengths[m].append(lens[-1])
@@ -373,7 +375,7 @@ def overhead_benchmark(opts, device: str, dtype: torch.dtype, budget: Budget, lo
         pair_s = time.perf_counter() - t_pair
 
     result: dict = {"setting": setting, "setup_s": setup_s, "expert_logps": expert_check, "notes": notes,
-                    "steps": steps, "completion_mean_length": lengths}
+                    "steps": steps, "completion_mean_length": lengths, "losses": losses}
     n = len(steps["grpo"])
     result["timed_steps_per_method"] = n
     if n == 0:
@@ -388,7 +390,7 @@ def overhead_benchmark(opts, device: str, dtype: torch.dtype, budget: Budget, lo
     if cuda:
         result["peak_gpu_mib"] = {m: max(v) for m, v in peak.items()}
         result["step_gpu_mib"] = {m: max(v) for m, v in step_mem.items()}
-    result["ok"] = bool(expert_check.get("ok")) and all(math.isfinite(med[m]["step"]) for m in med)
+    result["ok"] = bool(expert_check.get("ok")) and all(math.isfinite(x) for v in losses.values() for x in v)
     del trainers, models, model
     gc.collect()
     if cuda:

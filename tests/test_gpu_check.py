@@ -57,6 +57,7 @@ def test_cpu_dry_run_runs_every_part_and_writes_the_json_and_log(tmp_path):
     assert ov["ok"] and ov["timed_steps_per_method"] == 2 and ov["setting"]["widths"] == "tiny"
     assert ov["expert_logps"]["ok"] and ov["expert_logps"]["experts"][0]["tokens"] == 16
     assert 0.2 < ov["ratio_calibrl_over_grpo"] < 5
+    assert all(len(v) == 3 for v in ov["losses"].values())  # warm-up + 2 timed steps, each finite (ov["ok"])
     for m in ("grpo", "calibrl"):
         split = ov["median_s"][m]
         assert set(split) == {"step", "generation", "expert_forward", "scoring_other", "policy_fwd_bwd"}
