@@ -326,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             if ex:
                 log(f"overhead: expert log-probs at these shapes: max|Δ| {max(e['max_abs'] for e in ex):.3e}, "
                     f"mean|Δ| {max(e['mean_abs'] for e in ex):.3e} over {ex[0]['tokens']} tokens (shifted by one "
-                    f"token: {min(e['shifted_mean_abs'] for e in ex):.3f}), {'ok' if ov['expert_logps']['ok'] else 'FAILED'}")
+                    f"token: {min(e['shifted_mean_abs'] for e in ex):.3f}), "
+                    + ("ok" if ov["expert_logps"]["ok"] else "FAILED"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

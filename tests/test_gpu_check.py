@@ -87,7 +87,8 @@ def _probe_wheel(folder: Path) -> Path:
         z.writestr("gpucheck_probe/__init__.py", "VALUE = 1\n")
         z.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: gpucheck-probe\nVersion: 1.0\n")
         z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        z.writestr(f"{info}/RECORD", f"gpucheck_probe/__init__.py,,\n{info}/METADATA,,\n{info}/WHEEL,,\n{info}/RECORD,,\n")
+        files = ["gpucheck_probe/__init__.py", f"{info}/METADATA", f"{info}/WHEEL", f"{info}/RECORD"]
+        z.writestr(f"{info}/RECORD", "".join(f"{f},,\n" for f in files))
     return path
 
 
