@@ -28,11 +28,10 @@ from trl import GRPOConfig
 
 from calibrl import losses
 from calibrl.errors import UsageError
+from calibrl.methods import get_method, method_names
 from calibrl.rewards import REWARD_FUNCS, default_reward_weights
 from calibrl.tasks import SEED_STREAMS, task_rows
 
-METHODS = ("calibrl", "grpo", "dapo", "luffy", "rlplus")
-EXPERT_SLOT_METHODS = ("luffy", "rlplus")  # the expert occupies one slot of its group
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 PASS_SIGNS = ("accuracy", "reward_threshold")
 
@@ -46,7 +45,8 @@ class CalibRLConfig(GRPOConfig):
     `loss_type="dapo"` (its default) is the official token-mean aggregation.
     """
 
-    method: str = field(default="calibrl", metadata={"help": f"One of {METHODS}. 'dapo' = GRPO with clip-higher "
+    method: str = field(default="calibrl", metadata={"help": f"One of {method_names()} (calibrl.methods; "
+                        "more can be registered). 'dapo' = GRPO with clip-higher "
                         "(epsilon_high 0.28 unless set), token-mean and z-scored advantages."})
     expert_column: str = field(default="solution", metadata={"help": "Dataset column holding the expert solution."})
     guide_coef: float = field(default=0.1, metadata={"help": "λ: weight of the calibrated guidance term L_exp."})
@@ -77,12 +77,8 @@ class CalibRLConfig(GRPOConfig):
                                "scripts, mean-centred), 'group' (paper, z-score) or 'batch'. 'dapo' forces 'group'."})
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.method == "dapo":
-            self.epsilon_high = 0.28 if self.epsilon_high is None else self.epsilon_high
-            self.loss_type = "dapo"
-            self.scale_rewards = "group"
+        method = get_method(self.method)  # the registry as it is now, so a method registered later is valid
+        method.configure(self)  # e.g. dapo's clip-higher, before TRL's own checks see the values
         super().__post_init__()
         if self.gap not in losses.GAP_MODES:
             raise ValueError(f"gap must be one of {losses.GAP_MODES}, got {self.gap!r}")
@@ -100,9 +96,8 @@ class CalibRLConfig(GRPOConfig):
             raise ValueError(f"luffy_gamma must be > 0, got {self.luffy_gamma}")
         if self.delta is not None and self.delta <= 1.0:
             raise ValueError(f"delta (the dual clip c) must be > 1, got {self.delta}")
-        if self.method in EXPERT_SLOT_METHODS and self.num_generations < 2:
-            raise ValueError(f"method={self.method!r} needs num_generations >= 2 (one slot holds the expert)")
-        if self.uses_expert and (self.per_device_train_batch_size * self.steps_per_generation) % self.num_generations:
+        method.validate(self)
+        if method.uses_expert and (self.per_device_train_batch_size * self.steps_per_generation) % self.num_generations:
             # Groups must not span processes: the expert of a group is looked up on the process that holds it.
             raise ValueError(
                 f"per_device_train_batch_size * steps_per_generation ({self.per_device_train_batch_size} * "
@@ -112,7 +107,7 @@ class CalibRLConfig(GRPOConfig):
 
     @property
     def uses_expert(self) -> bool:
-        return self.method in ("calibrl",) + EXPERT_SLOT_METHODS
+        return get_method(self.method).uses_expert
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,11 +21,11 @@ def is_processor(processing_class) -> bool:
 
 
 def row_images(row: dict) -> list:
-    """The row's images in order: its `images` list, else its single `image`, else none."""
-    images = row.get("images")
-    if images is None and row.get("image") is not None:
-        images = [row["image"]]
-    return list(images or [])
+    """The row's images in order, read as TRL's GRPOTrainer reads them: the `images` list when the row has
+    that column, else its single `image`, else none."""
+    if "images" in row:
+        return list(row["images"] or [])
+    return [row["image"]] if row.get("image") is not None else []
 
 
 def n_image_blocks(messages: list[dict]) -> int:
