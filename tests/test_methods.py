@@ -95,6 +95,7 @@ def test_calibrl_guidance_term_level_follows_the_gap_mode(gap):
 
 
 # ------------------------------------------------------------------ a new method: one class + decorator
+@pytest.mark.slow
 def test_a_method_registered_here_trains_through_the_config(tiny_vlm_dir, tmp_path):
     calls = []
 
@@ -142,6 +143,7 @@ def _count_expert_forwards(tr):
     return calls
 
 
+@pytest.mark.slow
 def test_zero_guidance_skips_the_expert_forward_and_trains_exactly_as_grpo(tiny_vlm_dir, tmp_path):
     grpo = make_trainer(tiny_vlm_dir, tmp_path / "g", method="grpo", max_steps=2)
     grpo.train()
@@ -160,6 +162,7 @@ def test_zero_guidance_skips_the_expert_forward_and_trains_exactly_as_grpo(tiny_
     assert calls == [2, 2]  # one forward per generation batch, one row per group (8 rows / 4 generations)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_divisor(tiny_vlm_dir, tmp_path):
     tr = make_trainer(tiny_vlm_dir, tmp_path, method="calibrl", gradient_accumulation_steps=2)
     tr.current_gradient_accumulation_steps = 2  # set by the training loop
@@ -169,6 +172,7 @@ def test_gradient_accumulation_divisor(tiny_vlm_dir, tmp_path):
     assert tr._ga_steps == 1.0
 
 
+@pytest.mark.slow
 def test_guidance_is_aggregated_by_level(tiny_vlm_dir, tmp_path):
     tr = make_trainer(tiny_vlm_dir, tmp_path, method="calibrl", loss_type="grpo")
     tr.current_gradient_accumulation_steps = 2
