@@ -32,6 +32,8 @@ _ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:|=)\s*\**\s*(.+?)\s*\
 _CJK_UNIT = re.compile(r"\s*(?:平方|立方)?(?:千米|厘米|毫米|分米|米|公里)$|\s*(?:度|元|个|人|秒|分钟|小时|千克|克|吨|升|毫升)$")
 _EN_UNIT = re.compile(r"\s*(?:dollars?|cents?|percent|years?|days?|hours?|minutes?|seconds?|kg|g|ml|l|mph|km/h)\.?$",
                       re.IGNORECASE)
+# "A or B", "(A), (C)", "B/D": a hedge between letters picks no option.
+_HEDGE = re.compile(r"^\W*\(?[A-K]\)?\s*(?:,|/|&|\bor\b|\band\b)\s*\(?[A-K]\)?\W*$", re.IGNORECASE)
 _NUMBER_IN = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
 
 
@@ -62,12 +64,15 @@ def choice_of(pred: str | None, options: list[str], n_options: int | None = None
 
     A letter (`B`, `(B)`, `B.`, `B) text`, `\\boxed{B}`, `The answer is B`) wins when it names one of the
     options; otherwise the answer is compared with every option text (normalised string, then number, then
-    math-verify). An answer matching several different options picks none. `n_options` bounds the letters
+    math-verify). An answer matching several different options, or hedging between letters
+    ('A or B'), picks none. `n_options` bounds the letters
     when the option texts are not known (MathVerse's vision-only versions draw them in the image).
     """
     if pred is None or not str(pred).strip():
         return None
     n = len(options) if options else (n_options or len(LETTERS))
+    if _HEDGE.match(str(pred).strip()):
+        return None
     letter = choice_letter(pred)
     if letter is not None and LETTERS.index(letter) < n:
         return letter
