@@ -10,5 +10,6 @@ wires it to `calibrl eval`. docs/EVALUATION.md states every rule.
 
 from calibrl.bench.data import BenchDataError
 from calibrl.bench.registry import BENCHMARKS, PAPER, resolve_names
+from calibrl.bench.runner import BenchSettings, evaluate_benchmarks
 
-__all__ = ["BENCHMARKS", "PAPER", "BenchDataError", "resolve_names"]
+__all__ = ["BENCHMARKS", "PAPER", "BenchDataError", "BenchSettings", "evaluate_benchmarks", "resolve_names"]

@@ -18,10 +18,10 @@ from typing import Any
 
 __all__ = ["build_report", "format_markdown", "format_table", "write_report"]
 
+# Display names, in the order We-Math's release reports them.
 _METRIC_NAMES = {"accuracy": "accuracy", "score_strict": "score (strict)", "score_loose": "score (loose)",
-                 "IK": "IK", "IG": "IG", "CM_strict": "CM (strict)", "CM_loose": "CM (loose)",
-                 "RM_strict": "RM (strict)", "RM_loose": "RM (loose)"}
-_PERCENT_METRICS = set(_METRIC_NAMES)
+                 "IK": "IK", "IG": "IG", "CM_strict": "CM (strict)", "RM_strict": "RM (strict)",
+                 "CM_loose": "CM (loose)", "RM_loose": "RM (loose)"}
 
 
 def _labels(models: list[str]) -> list[str]:
@@ -69,14 +69,13 @@ def _rows(models: list[str], names: list[str], summaries: dict[str, dict[str, di
         head = s0["headline"]
         if head != "accuracy":
             add(name, name, head, s0["metrics"].get("problems"), [summaries[m][name]["score"] for m in models])
-        add(name, name if head == "accuracy" else "", "accuracy", s0["n"],
-            [summaries[m][name]["accuracy"] for m in models], ids=all_ids)
-        for key in sorted(k for k in s0 if k.startswith("pass@")):
-            add(name, "", key, s0["n"], [summaries[m][name].get(key) for m in models])
-        for key, value in s0["metrics"].items():
-            if key in _PERCENT_METRICS and key != head:
+            for key in (k for k in _METRIC_NAMES if k in s0["metrics"] and k != head):  # the benchmark's order
                 add(name, "", key, s0["metrics"].get("problems"), [summaries[m][name]["metrics"].get(key)
                                                                     for m in models])
+        add(name, name if head == "accuracy" else "", "accuracy", s0["n"],
+            [summaries[m][name]["accuracy"] for m in models], ids=all_ids)
+        for key in sorted((k for k in s0 if k.startswith("pass@")), key=lambda k: int(k[5:])):
+            add(name, "", key, s0["n"], [summaries[m][name].get(key) for m in models])
         for grouping, groups in s0["breakdowns"].items():
             for key, stats in groups.items():
                 ids = s0["_ids"][grouping][key]

@@ -17,7 +17,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from calibrl.bench.base import Benchmark
@@ -371,7 +371,3 @@ def _rewrite(path: str, rows: dict[str, dict]) -> None:
         for row in rows.values():
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
-
-
-def settings_dict(settings: BenchSettings) -> dict:
-    return asdict(settings)
