@@ -32,6 +32,9 @@ ROOT = reproduce.ROOT
 DOC_PATH = ROOT / "docs" / "RESULTS.md"
 FIG_DIR = ROOT / "docs" / "figures"
 ALPHA = 0.05
+POWER = 0.8  # for the minimum detectable effects
+REGIME_FILE = "regime/bases.json"  # benchmarks/regime.py
+TARGET_SHARE = (0.3, 0.7)  # the regime sought: the expert inside the samples' distribution (token gap > 0 share)
 
 LABELS = {
     "grpo": "GRPO",
@@ -102,6 +105,25 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict:
     return out
 
 
+def mde(d: dict, power: float = POWER) -> float | None:
+    """Minimum detectable effect of a paired comparison at its own n and spread: the true mean difference a
+    two-sided paired t-test at ALPHA would detect with probability `power`, (t_{1-α/2} + t_power) · sd / √n."""
+    from scipy import stats
+
+    if d["n"] < 2 or d["sd"] is None or d["sd"] < 1e-9:
+        return None
+    df = d["n"] - 1
+    return float(stats.t.ppf(1 - ALPHA / 2, df) + stats.t.ppf(power, df)) * d["sd"] / math.sqrt(d["n"])
+
+
+def seeds_for(sd: float, effect: float, power: float = POWER) -> int:
+    """The fewest paired seeds whose minimum detectable effect is <= `effect` at paired spread `sd`."""
+    n = 2
+    while n < 1000 and mde({"n": n, "sd": sd}, power) > effect:
+        n += 1
+    return n
+
+
 def verdict(d: dict, expected: int) -> str:
     """`expected` +1 (a > b claimed), -1 (a < b) or 0 (no difference claimed)."""
     if d["n"] < 2:
@@ -138,10 +160,10 @@ def load(results_dir: str | os.PathLike, grid_path: str | os.PathLike) -> dict:
     if grid["ablations"]:
         abl_base = bases.most_common(1)[0][0] if bases else reproduce.ablation_base(grid, results_dir)
     expected = reproduce.grid_runs(grid, abl_base)
-    experts, branches = (reproduce.read_current(results_dir / name, h)
-                         for name in (reproduce.EXPERTS_FILE, BRANCHES_FILE))
+    experts, branches, regime = (reproduce.read_current(results_dir / name, h)
+                                 for name in (reproduce.EXPERTS_FILE, BRANCHES_FILE, REGIME_FILE))
     return {"grid": grid, "grid_path": str(grid_path), "hash": h, "base": base, "runs": runs, "stale": stale,
-            "ablation_base": abl_base, "experts": experts, "branches": branches,
+            "ablation_base": abl_base, "experts": experts, "branches": branches, "regime": regime,
             "expected": expected, "quick": quick}
 
 
@@ -242,7 +264,7 @@ def setting_section(data: dict) -> list[str]:
         sft = base["sft"]
         b = base["final"]
         lines.append(f"- **Base model** (every run starts here): `{Path(base['base_model']).name}`, an SFT warm start "
-                     f"(`calibrl.demo.warm_start`, grid `sft`) on `native` wording, kept at step {sft.get('chosen_step')} "
+                     f"(`calibrl.commands.demo.warm_start`, grid `sft`) on `native` wording, kept at step {sft.get('chosen_step')} "
                      f"(validation accuracy {_pct(sft.get('select_accuracy'))}, train split). Held-out greedy accuracy "
                      f"before RL: in-domain {100 * b['test']['accuracy']:.1f}% (n={b['test']['n']}), out-of-domain "
                      f"{100 * b['ood']['accuracy']:.1f}% (n={b['ood']['n']}).")
@@ -478,7 +500,10 @@ def claims(data: dict, cells: dict) -> list[str]:
             checks.append((text if cell == base else f"{text}, on {label(cell)}", cell, f"{cell}+{name}", "test", 1,
                            paper))
     lines = ["Each line: the claim, the paper's figure, the paired difference measured here (a − b, in points "
-             "for accuracy, nats for entropy; mean [95% CI], paired t-test p, number of paired seeds) and the "
+             "for accuracy, nats for entropy; mean [95% CI], paired t-test p, number of paired seeds, and the "
+             f"minimum detectable effect (MDE: the true difference a paired t-test at p < {ALPHA} would detect "
+             f"with {POWER:.0%} power at this n and spread), so that \"not significant\" reads as \"smaller than "
+             "the MDE, or not measurable here\") and the "
              f"verdict at p < {ALPHA}: **holds** (significant, in the claimed direction), **not significant**, "
              "**contradicted** (significant, opposite direction), or **not testable yet** (fewer than two "
              "paired seeds).", ""]
@@ -488,8 +513,10 @@ def claims(data: dict, cells: dict) -> list[str]:
         tally[verdict(d, sign).split(" (")[0]] += 1
         unit = "" if name == "entropy" else " points"
         what = {"test": "in-domain", "ood": "out-of-domain", "entropy": "final entropy"}[name]
+        m = mde(d)
         measured = ("no paired runs yet" if d["n"] == 0 else fmt_diff(d, 3 if name == "entropy" else 1, unit)
-                    + (f", n = {d['n']}" if d["n"] > 1 else ""))
+                    + (f", n = {d['n']}" if d["n"] > 1 else "")
+                    + ("" if m is None else f", MDE {m:.{3 if name == 'entropy' else 1}f}{unit}"))
         lines.append(f"- {text} (paper: {paper}). {label(a)} vs {label(b)}, {what}: {measured}: "
                      f"**{verdict(d, sign)}**.")
     d = paired(values(cells, "calibrl_token", "per_step_s"), values(cells, "grpo", "per_step_s"))
@@ -500,6 +527,76 @@ def claims(data: dict, cells: dict) -> list[str]:
                      f"{g['mean']:.2f} s; paired runs ran side by side, under the same load).")
     lines += ["", "**In short:** of the " + str(sum(tally.values())) + " claims checked, "
               + ", ".join(f"{n} {v}" for v, n in tally.most_common()) + "."]
+    return lines
+
+
+def power_section(data: dict, cells: dict) -> list[str]:
+    """How many seeds a comparison needs to see the paper's in-domain effect sizes, from the measured spread."""
+    lines = ["## Power", "",
+             f"From the seed-to-seed spread of each paired in-domain difference measured above: the seeds a paired "
+             f"t-test (p < {ALPHA}, {POWER:.0%} power) needs to detect a difference of 3 points and of the paper's "
+             "+5.45 points, at the same evaluation size (n rows per split as in the setting).", ""]
+    rows = []
+    for a, b in (("calibrl_token", "grpo"), ("calibrl_sequence", "grpo"), ("calibrl_token", "calibrl_constant"),
+                 ("luffy_calibrl_baseline", "grpo")):
+        d = paired(values(cells, a, "test"), values(cells, b, "test"))
+        if d["n"] < 2 or d["sd"] is None or d["sd"] < 1e-9:
+            continue
+        m = mde(d)
+        rows.append([f"{label(a)} − {label(b)}", str(d["n"]), f"{d['sd']:.1f}", f"{m:.1f}",
+                     str(seeds_for(d["sd"], 3.0)), str(seeds_for(d["sd"], 5.45))])
+    if not rows:
+        return []
+    lines += table(["comparison", "paired seeds", "sd of the difference (points)", "MDE now (points)",
+                    "seeds for 3 points", "seeds for 5.45 points"], rows)
+    return lines + [""]
+
+
+def regime_section(data: dict) -> list[str]:
+    """The regime knob: bases warm-started with a share of the expert's wording, measured before any RL."""
+    regime = data.get("regime")
+    if not regime or not regime.get("bases"):
+        return []
+    bases = sorted(regime["bases"].values(), key=lambda b: b["share"])
+    lines = ["## The regime knob: where the expert sits, before RL", "",
+             "The grid above starts from a base warm-started on the `native` wording only, under which the expert's "
+             "`mismatched` wording is far less likely than the policy's own samples, so CalibRL's slope follows "
+             "correctness alone. `python -m benchmarks.regime` warm-starts bases with a share of the SFT targets in "
+             "the mismatched wording (SFTArgs `mismatched_share`; otherwise the grid's `sft` settings) and measures "
+             "each with `calibrl probe` on the RL training rows (mismatched experts; "
+             f"{bases[0]['probe']['prompts']} prompts x {bases[0]['probe']['num_generations']} samples at the RL "
+             "completion limit and temperature) and with the final evaluation's held-out rows. Log-probs are "
+             "per token, mean ± sd over experts or samples; 'gap > 0' is the share of sample tokens (token gap) or "
+             "samples (sequence gap) more likely than the expert.", ""]
+    rows = []
+    for b in bases:
+        pr, h = b["probe"], b["heldout"]
+        sh, g = pr["share_gap_positive"], pr["groups"]
+        rows.append([f"{100 * b['share']:g}%", str(b["sft"]["chosen_step"]),
+                     f"{pr['expert_logp_per_token']['mean']:.2f} ± {pr['expert_logp_per_token']['std']:.2f}",
+                     f"{pr['sample_logp_per_token']['mean']:.2f} ± {pr['sample_logp_per_token']['std']:.2f}",
+                     f"{sh['token']:.2f}", f"{sh['sequence']:.2f}",
+                     f"{100 * g['all_wrong']:.0f} / {100 * g['mixed']:.0f} / {100 * g['all_right']:.0f}",
+                     _pct(h["test"]["accuracy"]), _pct(h["ood"]["accuracy"])])
+    lines += table(["mismatched share of SFT targets", "SFT step kept", "expert log-prob / token",
+                    "own samples' log-prob / token", "gap > 0: token", "gap > 0: sequence",
+                    "groups wrong / mixed / right (%)", "held-out test", "held-out ood"], rows)
+    zero, grid_base = next((b for b in bases if b["share"] == 0), None), data.get("base")
+    if zero and grid_base and zero["sft"]["chosen_step"] != grid_base["sft"]["chosen_step"]:
+        lines += ["", f"The 0% base has the grid's settings but is not the grid's base: trained again here "
+                  f"({zero['machine'].get('torch_threads')} torch thread), it kept step {zero['sft']['chosen_step']} "
+                  f"({_pct(zero['heldout']['test']['accuracy'])} held-out test) where the grid's cached base kept step "
+                  f"{grid_base['sft']['chosen_step']} ({_pct(grid_base['final']['test']['accuracy'])}). Their SFT "
+                  "validation curves part from the first checks on: the warm start reproduces only at the thread "
+                  "count it was made with (floating-point summation order), as the demo does."]
+    lo, hi = TARGET_SHARE
+    inside = [b for b in bases if lo <= b["probe"]["share_gap_positive"]["token"] <= hi]
+    lines += ["", "Bases in the target regime (token-gap share between "
+              f"{lo} and {hi}, the expert inside the samples' distribution): "
+              + (", ".join(f"{100 * b['share']:g}%" for b in inside) if inside else "none yet") + ". "
+              "The RL grid on these bases (GRPO, CalibRL token and sequence gaps, the constant control, the noisy "
+              "expert on both gaps, LUFFY; at least 10 seeds) has not been run yet: the Power section above says "
+              "how many seeds a 3-point difference needs at the spread measured so far.", ""]
     return lines
 
 
@@ -665,8 +762,10 @@ def build_report(results_dir: str | os.PathLike, out_md: str | os.PathLike, fig_
               "final evaluation).", ""]
     lines += main_table(data, cells) + [""]
     lines += ["## Against the paper's claims", ""] + claims(data, cells) + [""]
+    lines += power_section(data, cells)
     lines += ["## Ablations", ""] + ablation_table(data, cells) + [""]
     lines += also_on_table(data, cells) + noisy_expert_reading(data, cells) + branch_reading(data)
+    lines += regime_section(data)
     figs = figures(data, cells, fig_dir)
     lines += ["## Curves", "", "Mean over seeds, shaded from the lowest to the highest seed at each step.", ""]
     for caption, path in figs:

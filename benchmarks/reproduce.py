@@ -18,7 +18,7 @@ base model's own held-out accuracy. Run folders (metrics.jsonl, eval.jsonl, run.
 (default .cache/calibrl/bench/); the JSON keeps what the report needs, curves included.
 
 What is shared by every run (grid.yaml `sft`, `train`, `final_eval`): the base model (an SFT warm start on
-`native` wording made and cached by calibrl.demo.warm_start), the training rows (task:digits with `mismatched` expert
+`native` wording made and cached by calibrl.commands.demo.warm_start), the training rows (task:digits with `mismatched` expert
 solutions), prompts and rollouts per step, optimizer steps, learning rate, and the final greedy evaluation
 (`final_eval.n_eval` rows per split, drawn like the demo's, never trained on). A seed fixes the RL sampling
 and the data order, so the same seed gives every method the same prompts in the same order: comparisons with
@@ -118,9 +118,9 @@ def load_grid(path: str | os.PathLike = GRID_PATH, quick: bool = False) -> dict:
 def settings_hash(grid: dict) -> str:
     """Hash of everything every run shares (warm start, training, final eval, SFT->GRPO): results made
     with other shared settings are stale."""
-    from calibrl import recipes
+    from calibrl.files import settings_hash as _hash
 
-    return recipes.settings_hash({k: grid.get(k) for k in ("sft", "train", "final_eval", "sft_grpo")})
+    return _hash({k: grid.get(k) for k in ("sft", "train", "final_eval", "sft_grpo")})
 
 
 def _cell_keys(cell: str, keys: dict | None) -> tuple[dict, bool]:
@@ -251,11 +251,10 @@ def rel_to_root(path) -> str:
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
     """Write atomically: a half-written file never looks like a finished run."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from calibrl.files import atomic_write_json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, data, indent=1)
 
 
 def machine_info() -> dict:
@@ -285,46 +284,32 @@ def git_commit() -> str | None:
 # ----------------------------------------------------------------------------------------------------------
 # One run
 # ----------------------------------------------------------------------------------------------------------
-def _tokens(keys: dict) -> list[str]:
-    """{'gap': 'token', 'difficulty': [1]} -> ['--gap', 'token', '--difficulty', '1'] (the CLI's own types)."""
-    out = []
-    for key, value in keys.items():
-        if value is None:
-            continue
-        values = value if isinstance(value, (list, tuple)) else [value]
-        out += [f"--{key}"] + [("true" if v else "false") if isinstance(v, bool) else str(v) for v in values]
-    return out
-
-
 def sft_args(grid: dict):
     """The warm start's SFTArgs: grid `sft` (what `calibrl sft` would read from a config file)."""
-    from calibrl import recipes
-    from calibrl.sft import SFTArgs
+    from calibrl.config import SFTArgs, parse_config
 
-    (args,) = recipes.parse_config([SFTArgs], None, _tokens(grid["sft"]) + ["--disable_tqdm", "true"])
+    (args,) = parse_config([SFTArgs], values=grid["sft"], overrides=["--disable_tqdm", "true"])
     return args
 
 
 def final_eval_args(grid: dict):
-    from calibrl.demo import DemoArgs
+    from calibrl.config import DemoArgs
 
     return DemoArgs(**grid["final_eval"])
 
 
 def train_config(grid: dict, spec: RunSpec, base_dir: str, run_dir: str):
     """(CalibRLConfig, RunArgs) of one run: grid `train` < the cell's keys (what `calibrl train` would read)."""
-    from calibrl.cli import load_train_config
+    from calibrl.config import load_train_config
 
-    overrides = _tokens(grid["train"]) + _tokens(spec.keys) + [
-        "--seed", str(spec.seed), "--output_dir", run_dir, "--run_name", spec.run_id, "--disable_tqdm", "true",
-        "--model", base_dir]
-    return load_train_config(None, overrides)
+    overrides = ["--seed", str(spec.seed), "--output_dir", run_dir, "--run_name", spec.run_id, "--disable_tqdm", "true",
+                 "--model", base_dir]
+    return load_train_config(values={**grid["train"], **spec.keys}, overrides=overrides)
 
 
 def continue_sft(base_dir: str, run, grid: dict, seed: int, out_dir: str) -> dict:
     """The SFT phase of SFT -> GRPO: from `base_dir`, SFT on the run's own training rows and expert
     solutions; saves the model to `out_dir`. Returns the SFT summary."""
-    from calibrl import recipes
     from calibrl.models import load_tiny_model, save_tiny_model
     from calibrl.sft import train_sft
 
@@ -337,8 +322,7 @@ def continue_sft(base_dir: str, run, grid: dict, seed: int, out_dir: str) -> dic
     args.learning_rate = float(cfg.get("learning_rate", args.learning_rate))
     args.warmup_steps = int(cfg.get("warmup_steps", 0))
     args.select_window, args.seed = None, seed
-    rows = recipes.task_rows(run.dataset, "train", run.n_train, run.task_seed, run.expert_style, run.noise_rate,
-                             run.difficulty, run.task_types)
+    rows = run.training_rows()
     torch.manual_seed(seed)
     model, proc = load_tiny_model(base_dir)
     summary = train_sft(model, proc, rows, [], args)
@@ -382,10 +366,10 @@ def run_one(spec: RunSpec, grid: dict, base_dir: str, results_dir: str, work_dir
     """Train and evaluate one run; write `<results_dir>/<run_id>.json` and return what it holds."""
     import torch
 
-    from calibrl import recipes
-    from calibrl.cli import build_trainer
-    from calibrl.demo import _eval_rows
+    from calibrl.commands.demo import final_eval_rows
+    from calibrl.commands.train import build_trainer
     from calibrl.evaluate import evaluate
+    from calibrl.files import versions
     from calibrl.run_log import read_run
 
     if threads:
@@ -415,7 +399,7 @@ def run_one(spec: RunSpec, grid: dict, base_dir: str, results_dir: str, work_dir
 
     t = time.time()
     fe = final_eval_args(grid)
-    rows = [r for split_rows in _eval_rows(run, fe).values() for r in split_rows]
+    rows = [r for split_rows in final_eval_rows(run, fe).values() for r in split_rows]
     results = evaluate(trainer.model, trainer.processing_class, rows, max_new_tokens=fe.eval_max_new_tokens,
                        batch_size=fe.eval_batch_size)
     timings["final_eval_s"] = round(time.time() - t, 2)
@@ -449,7 +433,7 @@ def run_one(spec: RunSpec, grid: dict, base_dir: str, results_dir: str, work_dir
         "global_step": trainer.state.global_step,
         "config": {"train": {k: v for k, v in config.to_dict().items() if not k.startswith(("hub_", "push_"))},
                    "run": asdict(run), "grid": {k: grid.get(k) for k in ("sft", "train", "final_eval", "sft_grpo")}},
-        "base_model": base_dir, "command": command, "machine": machine_info(), "versions": recipes.versions(),
+        "base_model": base_dir, "command": command, "machine": machine_info(), "versions": versions(),
         "git_commit": git_commit(), "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     write_json(result_path(results_dir, spec), out)
@@ -494,7 +478,7 @@ def _quiet() -> None:
 # ----------------------------------------------------------------------------------------------------------
 def ensure_base(grid: dict, results_dir: str, work_dir: str) -> str:
     """The warm start (trained once, then cached), and base.json: its held-out accuracy with the final eval."""
-    from calibrl.demo import _eval_rows, warm_start
+    from calibrl.commands.demo import final_eval_rows, warm_start
     from calibrl.evaluate import evaluate
     from calibrl.models import load_tiny_model
 
@@ -509,7 +493,7 @@ def ensure_base(grid: dict, results_dir: str, work_dir: str) -> str:
         return base_dir
     _, run = train_config(grid, RunSpec("base", "main", 0, {"method": "grpo"}), base_dir, str(Path(work_dir) / "base"))
     fe = final_eval_args(grid)
-    rows = [r for split_rows in _eval_rows(run, fe).values() for r in split_rows]
+    rows = [r for split_rows in final_eval_rows(run, fe).values() for r in split_rows]
     model, proc = load_tiny_model(base_dir)
     t = time.time()
     results = evaluate(model, proc, rows, max_new_tokens=fe.eval_max_new_tokens, batch_size=fe.eval_batch_size)
@@ -542,7 +526,6 @@ def ensure_expert_facts(grid: dict, base_dir: str, results_dir: str) -> dict | N
         return old
     from transformers import AutoTokenizer
 
-    from calibrl import recipes
     from calibrl.tasks import native_solution
 
     tok = AutoTokenizer.from_pretrained(base_dir)
@@ -550,8 +533,7 @@ def ensure_expert_facts(grid: dict, base_dir: str, results_dir: str) -> dict | N
                           str(Path(results_dir) / "unused"))  # nothing is written there
 
     def rows(style: str) -> list[dict]:
-        return recipes.task_rows(run.dataset, "train", run.n_train, run.task_seed, style, run.noise_rate,
-                                 run.difficulty, run.task_types)
+        return run.training_rows(expert_style=style)
 
     def ids(text: str) -> list[int]:  # as CalibRLTrainer tokenises an expert (its EOS not counted)
         return tok(text, add_special_tokens=False)["input_ids"]

@@ -36,6 +36,14 @@ def digit_rows(n: int = 32, missing_every: int = 0) -> list[dict]:
     return rows
 
 
+def digit_indices(row: dict) -> list[int]:
+    """The scikit-learn scan indices a digits task row shows (empty for other tasks)."""
+    import json
+
+    meta = json.loads(row["meta"]) if isinstance(row["meta"], str) else row["meta"]
+    return list(meta.get("indices", [])) if row["task"].startswith("digits/") else []
+
+
 def text_of(c) -> str:
     return c[0]["content"] if isinstance(c, list) else c
 

@@ -10,8 +10,10 @@ import shutil
 import pytest
 
 from benchmarks import branches, report, reproduce
-from calibrl import recipes
+from calibrl.config import DataSource
 from calibrl.tasks.common import noisy_count
+
+pytestmark = pytest.mark.slow  # every test here trains a model or starts processes
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +134,15 @@ def test_statistics_match_scipy_by_hand():
     assert report.verdict(report.paired({0: 1.0}, {0: 0.0}), 1).startswith("not testable")
 
 
+def test_minimum_detectable_effect_and_seeds_needed():
+    # (t_{0.975,4} + t_{0.8,4}) / sqrt(5) = (2.7764 + 0.9410) / 2.2361
+    assert report.mde({"n": 5, "sd": 1.0}) == pytest.approx(1.6625, abs=1e-3)
+    assert report.mde({"n": 5, "sd": 0.0}) is None and report.mde({"n": 1, "sd": None}) is None
+    n = report.seeds_for(6.9, 3.0)
+    assert report.mde({"n": n, "sd": 6.9}) <= 3.0 < report.mde({"n": n - 1, "sd": 6.9})
+    assert report.seeds_for(6.9, 5.45) < n
+
+
 def test_ablations_also_on_another_cell_are_scheduled_with_their_own_base():
     grid = reproduce.load_grid()
     assert grid["ablations_also_on"] == {"calibrl_sequence": ["noisy_expert"]}
@@ -165,8 +176,9 @@ def test_expert_facts_locate_where_the_noisy_expert_differs(quick, tmp_path):
     grid["ablations"] = {"noisy_expert": {"expert_style": "noisy"}}
     facts = reproduce.ensure_expert_facts(grid, base_dir, str(tmp_path))
     n, t = grid["train"]["n_train"], grid["train"]
-    right, wrong = (recipes.task_rows(t["dataset"], "train", n, t["task_seed"], style, 0.3, t.get("difficulty"),
-                                      t.get("task_types")) for style in ("mismatched", "noisy"))
+    source = DataSource(dataset=t["dataset"], n_train=n, task_seed=t["task_seed"], noise_rate=0.3,
+                        difficulty=t.get("difficulty"), task_types=t.get("task_types"))
+    right, wrong = (source.training_rows(expert_style=style) for style in ("mismatched", "noisy"))
     differ = sum(a["solution"] != b["solution"] for a, b in zip(right, wrong))
     assert facts["rows"] == n and facts["noisy_rows"] == differ > 0
     # noise is drawn before the task_types filter, so the kept rows hold about (not exactly) noise_rate

@@ -1,6 +1,6 @@
 """The `calibrl` command line end to end (real console script, nano sizes) and its one-line errors.
 
-The three long commands (train, sft, demo --smoke) start together as subprocesses at one thread each, so
+The three long commands (train, sft, and the demo at test size) start together as subprocesses at one thread each, so
 on 2 cores they overlap; eval and plot then run on their outputs. Error cases run `calibrl.cli.main` in
 process (the console script is `sys.exit(main())`), which saves a TRL import per case; one error case
 also goes through the real script.
@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,14 @@ import yaml
 from PIL import Image
 
 from calibrl import cli
-from calibrl.demo import DEMO_YAML
+from calibrl.commands.demo import DEMO_YAML
+from calibrl.config import load_train_config
+from calibrl.errors import UsageError
 from helpers import digit_rows
 
 REPO = Path(__file__).resolve().parents[1]
 CALIBRL = str(Path(sys.executable).with_name("calibrl"))
+DEMO_TINY = REPO / "tests" / "configs" / "demo_tiny.yaml"  # the demo config at test size
 
 TINY_TRAIN = {
     "model": "tiny:qwen2_5_vl:nano", "dataset": "task:digits", "n_train": 32, "difficulty": [1],
@@ -54,12 +58,12 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float = 240) -> str:
 
 
 def _build_nano_once(cache: Path) -> None:
-    from calibrl import recipes
+    from calibrl.models import tiny_model_dir
 
     old = os.environ.get("CALIBRL_CACHE")
     os.environ["CALIBRL_CACHE"] = str(cache)
     try:
-        recipes.tiny_model_dir("tiny:qwen2_5_vl:nano", seed=0)
+        tiny_model_dir("tiny:qwen2_5_vl:nano", seed=0)
     finally:
         if old is None:
             del os.environ["CALIBRL_CACHE"]
@@ -69,7 +73,7 @@ def _build_nano_once(cache: Path) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Start train, sft and demo --smoke together; yield their folders and (lazily awaited) outputs."""
+    """Start train, sft and the tiny demo together; yield their folders and (lazily awaited) outputs."""
     root = tmp_path_factory.mktemp("cli")
     cache = root / "cache"
     _build_nano_once(cache)  # so the three processes below do not each build it
@@ -78,7 +82,7 @@ def runs(tmp_path_factory):
     procs = {
         "train": _start(["train", "train.yaml", "--output_dir", "run_a"], cache, root / "train.log"),
         "sft": _start(["sft", "sft.yaml", "--output_dir", "sft_model"], cache, root / "sft.log"),
-        "demo": _start(["demo", "--smoke", "--out", "demo_run"], cache, root / "demo.log"),
+        "demo": _start(["demo", "--config", str(DEMO_TINY), "--out", "demo_run"], cache, root / "demo.log"),
     }
     outputs: dict[str, str] = {}
 
@@ -100,6 +104,7 @@ def _not_blank(png: Path) -> None:
 
 
 # ------------------------------------------------------------------ the commands
+@pytest.mark.slow
 def test_train_writes_a_complete_run_folder(runs):
     out = runs["output"]("train")
     run = runs["root"] / "run_a"
@@ -120,6 +125,7 @@ def test_train_writes_a_complete_run_folder(runs):
     assert "held-out" in out and "test" in out  # the summary table
 
 
+@pytest.mark.slow
 def test_sft_then_eval(runs):
     out = runs["output"]("sft")
     model_dir = runs["root"] / "sft_model"
@@ -136,7 +142,8 @@ def test_sft_then_eval(runs):
     assert "pass@2" in results["overall"] and "accuracy" in res.stdout and "split=ood" in res.stdout
 
 
-def test_demo_smoke_and_plot_of_two_runs(runs):
+@pytest.mark.slow
+def test_demo_and_plot_of_two_runs(runs):
     out = runs["output"]("demo")
     run = runs["root"] / "demo_run"
     results = json.loads((run / "results.json").read_text())
@@ -147,7 +154,7 @@ def test_demo_smoke_and_plot_of_two_runs(runs):
     assert set(results["timings"]) == {"sft_s", "eval_before_s", "rl_s", "eval_after_s", "total_s"}
     assert results["sft"]["cached"] is False and results["before"]["by_task"]
     assert (run / "metrics.jsonl").is_file() and (run / "eval.jsonl").is_file() and (run / "model").is_dir()
-    assert (run / "demo_config.yaml").read_text() == DEMO_YAML
+    assert (run / "demo_config.yaml").read_text() == DEMO_TINY.read_text()
     assert any(p.name == "heldout_accuracy.png" for p in (run / "plots").glob("*.png"))
     assert "gain" in out and "before" in out
     # the warm start is cached under CALIBRL_CACHE/sft-<hash>
@@ -163,29 +170,58 @@ def test_demo_smoke_and_plot_of_two_runs(runs):
         _not_blank(runs["root"] / p)
 
 
+@pytest.mark.slow
+def test_demo_a_second_time_replaces_its_run_and_reuses_the_warm_start(runs):
+    """`calibrl demo` twice into the same folder through the real script: no flag needed, one line says the
+    previous run is replaced, the cached warm start is reused, and the table is the same (same seed, 1 thread)."""
+    runs["output"]("demo")
+    first = json.loads((runs["root"] / "demo_run" / "results.json").read_text())
+    (runs["root"] / "demo_run" / "marker").write_text("from the first run")
+    res = subprocess.run([CALIBRL, "demo", "--config", str(DEMO_TINY), "--out", "demo_run"], capture_output=True,
+                         text=True, env=_env(runs["cache"]), cwd=runs["root"], timeout=240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "replacing the previous demo run in demo_run" in res.stdout and "reused from the cache" in res.stdout
+    second = json.loads((runs["root"] / "demo_run" / "results.json").read_text())
+    assert second["sft"]["cached"] is True and not (runs["root"] / "demo_run" / "marker").exists()
+    assert second["comparison"] == first["comparison"]
+
+
+def test_busy_cores_sees_a_busy_process():
+    from calibrl.commands.demo import busy_cores
+
+    idle = busy_cores(0.3)
+    assert idle is not None and 0.0 <= idle <= (os.cpu_count() or 1) + 1e-9
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert busy_cores(0.5) >= 0.7  # the spinner alone keeps one core busy
+    finally:
+        spinner.kill()
+
+
+@pytest.mark.slow
 def test_cached_warm_start_is_reused(runs, monkeypatch):
     """The demo process left its warm start in the cache: the same settings find it and train nothing."""
-    from calibrl.demo import SMOKE, warm_start, warm_start_dir
-    from calibrl.recipes import parse_config
-    from calibrl.sft import SFTArgs
+    from calibrl.commands.demo import warm_start, warm_start_dir
+    from calibrl.config import SFTArgs, parse_config
 
     runs["output"]("demo")
     monkeypatch.setenv("CALIBRL_CACHE", str(runs["cache"]))
     config = runs["root"] / "demo_run" / "demo_config.yaml"
-    (args,) = parse_config([SFTArgs], config, SMOKE["sft"] + ["--disable_tqdm", "true"], section="sft")
+    (args,) = parse_config([SFTArgs], config, ["--disable_tqdm", "true"], section="sft")
     [cached_dir] = runs["cache"].glob("sft-*")
     stamp = os.path.getmtime(cached_dir / "model.safetensors")
     found, summary, cached = warm_start(args, quiet=True)
     assert cached and Path(found) == cached_dir and summary["chosen_step"] == 2
     assert os.path.getmtime(cached_dir / "model.safetensors") == stamp
-    (other,) = parse_config([SFTArgs], config, SMOKE["sft"] + ["--learning_rate", "2e-3"], section="sft")
+    (other,) = parse_config([SFTArgs], config, ["--learning_rate", "2e-3"], section="sft")
     assert warm_start_dir(other) != warm_start_dir(args) == cached_dir  # other settings, another cache entry
 
 
 # ------------------------------------------------------------------ configs
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.yaml")))
 def test_every_recipe_parses(path):
-    config, run = cli.load_train_config(str(REPO / path), [])
+    config, run = load_train_config(str(REPO / path), [])
     assert config.method == "calibrl" and config.reward_weights == [1.0, 0.1]
     if "qwen2_5_vl" in path:  # the paper's settings
         assert (config.num_generations, config.learning_rate, config.max_completion_length) == (10, 1e-6 if
@@ -197,13 +233,15 @@ def test_every_recipe_parses(path):
 
 
 def test_vllm_recipe_fails_at_trainer_construction_with_a_clear_message():
-    config, run = cli.load_train_config(str(REPO / "configs/qwen2_5_vl_7b_calibrl.yaml"), [])
-    with pytest.raises(cli.UsageError, match="vLLM is not installed"):
-        cli.build_trainer(config, run)
+    from calibrl.commands.train import build_trainer
+
+    config, run = load_train_config(str(REPO / "configs/qwen2_5_vl_7b_calibrl.yaml"), [])
+    with pytest.raises(UsageError, match="vLLM is not installed"):
+        build_trainer(config, run)
 
 
 def test_demo_config_is_the_packaged_one_and_parses():
-    from calibrl.demo import load_demo_config
+    from calibrl.commands.demo import load_demo_config
 
     assert (REPO / "configs" / "demo.yaml").read_text() == DEMO_YAML
     sft, config, run, demo = load_demo_config(str(REPO / "configs" / "demo.yaml"))
@@ -222,15 +260,15 @@ def test_accelerate_configs_load(name):
 def test_yaml_and_command_line_types_agree(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("learning_rate: 1e-6\nreward_funcs: [calibrl_reward]\ndifficulty: [1, 2]\nbeta: 0\n")
-    config, run = cli.load_train_config(str(path), ["--num_generations", "4", "--per_device_train_batch_size", "8"])
+    config, run = load_train_config(str(path), ["--num_generations", "4", "--per_device_train_batch_size", "8"])
     assert config.learning_rate == 1e-6 and isinstance(config.beta, float) and run.difficulty == [1, 2]
     assert config.reward_weights is None and config.num_generations == 4  # no default weights for one function
-    config, _ = cli.load_train_config(str(path), ["--learning_rate", "2e-4"])
+    config, _ = load_train_config(str(path), ["--learning_rate", "2e-4"])
     assert config.learning_rate == 2e-4  # the command line wins
 
 
 def test_task_types_filter_train_and_test_but_not_ood():
-    from calibrl.recipes import UsageError, task_rows
+    from calibrl.tasks import task_rows
 
     rows = task_rows("task:digits", "test", 12, 0, difficulty=[1], task_types=["digits/sum"])
     assert len(rows) == 12 and {r["task"] for r in rows} == {"digits/sum"}
@@ -321,7 +359,7 @@ def test_error_other_commands(capsys, tmp_path):
                     "/nonexistent/base")
 
 
-@pytest.mark.parametrize("command", [None, "train", "sft", "eval", "plot", "demo"])
+@pytest.mark.parametrize("command", [None, "train", "sft", "eval", "plot", "probe", "demo"])
 def test_help(capsys, command):
     argv = ([command] if command else []) + ["--help"]
     try:
@@ -366,6 +404,7 @@ def test_error_bad_rows_of_every_kind_through_train(capsys, tmp_path, tiny_yaml)
     train(tmp_path / "empty.jsonl", "has no rows")
 
 
+@pytest.mark.slow
 def test_messy_data_trains_and_the_run_summary_counts_it(capsys, tmp_path, tiny_yaml):
     """A missing expert, an expert with an image placeholder and one longer than the completion limit train
     (the first as plain GRPO, the others cleaned / truncated), and the run's summary and run.json count each."""

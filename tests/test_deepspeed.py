@@ -21,6 +21,8 @@ from calibrl.models import load_tiny_model
 
 from ds_worker import GLOBAL_BATCH, build_trainer
 
+pytestmark = pytest.mark.slow  # every test here trains a model or starts processes
+
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)
 STEPS, NAN_STEP, RESUME_FROM = 3, 1, 2

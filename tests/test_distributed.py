@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every test here trains a model or starts processes
+
 HERE = os.path.dirname(__file__)
 
 

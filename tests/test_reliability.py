@@ -72,6 +72,7 @@ def faulty_accuracy(completions, answer=None, **kw):
 faulty_accuracy.__name__ = "accuracy_reward"
 
 
+@pytest.mark.slow
 def test_training_goes_on_through_faulty_rewards(tiny_vlm_dir, tmp_path):
     model, proc = load_tiny_model(tiny_vlm_dir)
     cfg = CalibRLConfig(output_dir=str(tmp_path), max_steps=3, **COMMON)
@@ -97,6 +98,7 @@ class NaNAtStep(CalibRLTrainer):
         return loss * float("nan") if self.state.global_step == self.bad_step else loss
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skips_the_optimizer_step(tiny_vlm_dir, tmp_path):
     snaps = []
 
@@ -125,6 +127,7 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tiny_vlm_dir, tmp_path):
     kw = dict(method="calibrl", grpo_warmup_steps=2, max_steps=4, save_strategy="steps", save_steps=2,
               rows=digit_rows(16))
@@ -145,6 +148,7 @@ def test_resume_continues_exactly(tiny_vlm_dir, tmp_path):
     assert_same_params(params(resumed), params(full))
 
 
+@pytest.mark.slow
 def test_resume_at_an_epoch_boundary_runs_the_remaining_steps(tiny_vlm_dir, tmp_path):
     rows = digit_rows(4)  # 4 prompts x 4 rollouts = 2 steps per epoch at 8 completions per step
     first = make_trainer(tiny_vlm_dir, tmp_path, num_train_epochs=1, save_strategy="epoch", rows=rows)
@@ -165,6 +169,7 @@ class CtrlCAt(TrainerCallback):
             raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_a_usable_checkpoint(tiny_vlm_dir, tmp_path):
     tr = make_trainer(tiny_vlm_dir, tmp_path, max_steps=3, save_strategy="no", rows=digit_rows(16))
     tr.add_callback(CtrlCAt(2))
@@ -183,6 +188,7 @@ def test_ctrl_c_leaves_a_usable_checkpoint(tiny_vlm_dir, tmp_path):
 
 
 # ------------------------------------------------------------------ vLLM
+@pytest.mark.slow
 def test_use_vllm_without_vllm_is_a_clear_error(tiny_vlm_dir, tmp_path):
     model, proc = load_tiny_model(tiny_vlm_dir)
     cfg = CalibRLConfig(output_dir=str(tmp_path), use_vllm=True, **COMMON)
@@ -191,6 +197,7 @@ def test_use_vllm_without_vllm_is_a_clear_error(tiny_vlm_dir, tmp_path):
                        train_dataset=Dataset.from_list(digit_rows(8)), processing_class=proc)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["calibrl", "luffy"])
 def test_expert_path_through_a_vllm_like_backend(tiny_vlm_dir, tmp_path, method):
     tr = make_trainer(tiny_vlm_dir, tmp_path, method=method, max_completion_length=64)

@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 
 from calibrl.rewards import accuracy_reward, format_reward
-from calibrl.tasks import INSTRUCTION, digit_indices, make_dataset, native_solution, task_corpus, to_hf_dataset
+from calibrl.tasks import INSTRUCTION, make_dataset, native_solution, task_corpus, to_hf_dataset
 from calibrl.tasks import digits as digits_mod
 from calibrl.tasks import shapes as shapes_mod
+from helpers import digit_indices
 
 PAPER_INSTRUCTION = (
     "You FIRST think about the reasoning process as an internal monologue and then provide the final answer. "

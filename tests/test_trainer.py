@@ -13,6 +13,8 @@ from calibrl.models import load_tiny_model
 from helpers import (COMMON, assert_same_params, digit_rows, hash_accuracy, hash_format, losses_of, make_trainer,
                      params, text_rows)
 
+pytestmark = pytest.mark.slow  # every test here trains a model or starts processes
+
 
 # ------------------------------------------------------------------ equivalence with TRL
 @pytest.mark.parametrize("extra", [
@@ -220,7 +222,7 @@ def test_calibrl_with_a_lora_adapter(tiny_vlm_dir, tmp_path):
     assert any(h.get("calibrl/guide_loss", 0) != 0 for h in tr.state.log_history)
 
     # the run saves only the adapter; `calibrl eval` / load_model reload it merged into its base model
-    from calibrl.recipes import load_model
+    from calibrl.models import load_model
 
     tr.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()

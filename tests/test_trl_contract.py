@@ -65,6 +65,17 @@ def test_grpo_compute_loss_dispatches_through_private_hook():
     assert "self._generate_single_turn(" in inspect.getsource(GRPOTrainer._generate)
 
 
+def test_gradient_accumulation_divisor_convention():
+    """CalibRLTrainer._ga_steps divides each micro-batch's loss as TRL's own loss does, by the accumulation
+    steps that transformers' loop sets on the trainer (1 in evaluation)."""
+    from transformers import Trainer
+
+    assert "self.current_gradient_accumulation_steps = len(batch_samples)" in inspect.getsource(Trainer._run_epoch)
+    src = inspect.getsource(GRPOTrainer._compute_loss)
+    assert 'normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0' in src
+    assert "normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation" in src  # dapo
+
+
 @pytest.fixture(scope="module")
 def trainer(tiny_vlm_dir, tmp_path_factory):
     model, proc = load_tiny_model(tiny_vlm_dir)
@@ -77,17 +88,19 @@ def trainer(tiny_vlm_dir, tmp_path_factory):
     return tr
 
 
+@pytest.mark.slow
 def test_attributes_we_read_exist(trainer):
     for name in ("reward_func_names", "reward_weights", "eos_token_ids", "_tokenizer", "_metrics", "num_generations",
                  "max_completion_length", "epsilon_low", "epsilon_high", "importance_sampling_level", "loss_type",
                  "beta", "use_vllm", "vllm_importance_sampling_correction", "_entropy_bonus_enabled", "entropy_coef",
-                 "aux_loss_enabled", "top_entropy_quantile", "off_policy_mask_threshold", "use_adaptive_entropy",
+                 "aux_loss_enabled", "router_aux_loss_coef", "top_entropy_quantile", "off_policy_mask_threshold", "use_adaptive_entropy",
                  "tools", "rollout_func", "environment_factories", "processing_class", "accelerator"):
         assert hasattr(trainer, name), name
     assert trainer.reward_func_names == ["accuracy_reward", "format_reward"]
     assert isinstance(trainer.eos_token_ids, list) and isinstance(trainer.eos_token_ids[0], int)
 
 
+@pytest.mark.slow
 def test_hook_return_shapes(trainer):
     rows = [r for r in digit_rows(2) for _ in range(4)]
     torch.manual_seed(0)

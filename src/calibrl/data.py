@@ -39,6 +39,9 @@ from typing import Any
 import PIL.Image
 import PIL.ImageOps
 
+from calibrl.errors import UsageError
+from calibrl.multimodal import png_dict
+
 # Image markers that must never appear in an expert solution: a Qwen2.5-VL `<|image_pad|>` in the expert
 # text would be expanded by the processor (or break its rope index) although there is no image for it.
 IMAGE_PLACEHOLDERS: tuple[str, ...] = (
@@ -252,6 +255,16 @@ def load_dataset_for_training(
     raw = load_rows(source)
     rows, summary = _normalize(raw, cols, schema, name, on_error, base_dir, "bytes")
     return _to_dataset(rows, name), summary
+
+
+def load_data_file(path: str | os.PathLike) -> tuple[Any, DataSummary]:
+    """`load_dataset_for_training` for a command: a missing or bad file is a one-line `UsageError`."""
+    if not os.path.exists(path):
+        raise UsageError(f"dataset not found: {path}")
+    try:
+        return load_dataset_for_training(path)
+    except DataError as e:
+        raise UsageError(" ".join(str(e).split())) from None
 
 
 def _to_dataset(rows: list[dict], source_name: str) -> Any:
@@ -723,6 +736,4 @@ def _to_pil(image) -> PIL.Image.Image:
 
 
 def _png_dict(image) -> dict:
-    buffer = io.BytesIO()
-    _to_pil(image).save(buffer, format="PNG")
-    return {"bytes": buffer.getvalue(), "path": None}
+    return png_dict(_to_pil(image))

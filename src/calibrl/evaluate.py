@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from calibrl.files import atomic_write_text
+from calibrl.multimodal import is_processor, prompt_text, row_images, tokenizer_of
 from calibrl.rewards import extract_answer, is_correct, is_strict_format
 
 __all__ = [
@@ -43,64 +45,6 @@ GROUPINGS = {"by_split": "split", "by_task": "task", "by_difficulty": "difficult
 # ----------------------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------------------
-def _tokenizer_of(processing_class):
-    """The tokenizer inside a processor, or the processing class itself when it is a tokenizer."""
-    return getattr(processing_class, "tokenizer", processing_class)
-
-
-def _is_processor(processing_class) -> bool:
-    return hasattr(processing_class, "tokenizer") and hasattr(processing_class, "image_processor")
-
-
-def _row_images(row: dict) -> list:
-    images = row.get("images")
-    if images is None and row.get("image") is not None:
-        images = [row["image"]]
-    return list(images or [])
-
-
-def _n_image_blocks(messages: list[dict]) -> int:
-    return sum(
-        1
-        for m in messages
-        if isinstance(m.get("content"), list)
-        for block in m["content"]
-        if isinstance(block, dict) and block.get("type") == "image"
-    )
-
-
-def _with_image_blocks(messages: list[dict], n_images: int) -> list[dict]:
-    """TRL's convention for plain-string contents with images: image blocks go in front of the first user turn."""
-    out, done = [], False
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
-        if not done and m.get("role") == "user":
-            content = [{"type": "image"} for _ in range(n_images)] + list(content or [])
-            done = True
-        out.append({**m, "content": content})
-    return out
-
-
-def _prompt_text(processing_class, row: dict, index: int, use_images: bool) -> str:
-    """The text a row's prompt becomes before tokenisation (a plain-string prompt is used as it is)."""
-    if "prompt" not in row:
-        raise ValueError(f"row {index} has no 'prompt' column")
-    prompt = row["prompt"]
-    if isinstance(prompt, str):
-        return prompt
-    if not isinstance(prompt, list) or not all(isinstance(m, dict) for m in prompt):
-        raise ValueError(f"row {index}: 'prompt' must be a string or a list of chat messages")
-    if use_images:
-        n_images, n_blocks = len(_row_images(row)), _n_image_blocks(prompt)
-        if n_blocks == 0 and n_images:
-            prompt = _with_image_blocks(prompt, n_images)
-        elif n_blocks != n_images:
-            raise ValueError(f"row {index}: the prompt has {n_blocks} image blocks but the row has {n_images} images")
-    return processing_class.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-
-
 def generate_completions(
     model,
     processing_class,
@@ -129,9 +73,9 @@ def generate_completions(
     if not rows:
         return []
 
-    use_images = _is_processor(processing_class)
-    tokenizer = _tokenizer_of(processing_class)
-    texts = [_prompt_text(processing_class, row, i, use_images) for i, row in enumerate(rows)]
+    use_images = is_processor(processing_class)
+    tokenizer = tokenizer_of(processing_class)
+    texts = [prompt_text(processing_class, row, i, use_images) for i, row in enumerate(rows)]
     # Every (row, sample) pair is one sequence; sorting by prompt length keeps padding (and time) low.
     jobs = sorted(((i, s) for i in range(len(rows)) for s in range(num_samples)), key=lambda j: (len(texts[j[0]]), j))
 
@@ -158,7 +102,7 @@ def generate_completions(
                 batch = jobs[start : start + batch_size]
                 batch_texts = [texts[i] for i, _ in batch]
                 if use_images:
-                    images = [img for i, _ in batch for img in _row_images(rows[i])]
+                    images = [img for i, _ in batch for img in row_images(rows[i])]
                     inputs = processing_class(text=batch_texts, images=images or None, padding=True,
                                               return_tensors="pt", add_special_tokens=False)
                 else:
@@ -352,6 +296,4 @@ def save_results(results: dict, path: str | os.PathLike) -> None:
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")

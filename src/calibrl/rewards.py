@@ -409,3 +409,32 @@ def calibrl_reward(completions: list, answer: list | None = None, **kwargs: Any)
 accuracy_reward.__name__ = "accuracy_reward"
 format_reward.__name__ = "format_reward"
 calibrl_reward.__name__ = "calibrl_reward"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry: the reward functions a config may name
+# ----------------------------------------------------------------------------------------------------------
+REWARD_FUNCS = {f.__name__: f for f in (accuracy_reward, format_reward, calibrl_reward)}
+
+
+def reward_functions(names: list[str]) -> list:
+    """The reward callables named in `names`; an empty list or an unknown name is a `UsageError`."""
+    from calibrl.errors import UsageError
+
+    if not names:
+        raise UsageError("reward_funcs is empty: give at least one reward function")
+    for name in names:
+        if name not in REWARD_FUNCS:
+            raise UsageError(f"unknown reward function {name!r}, expected one of {list(REWARD_FUNCS)}")
+    return [REWARD_FUNCS[name] for name in names]
+
+
+def default_reward_weights(names: list[str], weights: list[float] | None) -> list[float] | None:
+    """The official acc + 0.1 * fmt when the default pair is used without explicit weights."""
+    from calibrl.errors import UsageError
+
+    if weights is None and list(names) == ["accuracy_reward", "format_reward"]:
+        return [1.0, FORMAT_WEIGHT]
+    if weights is not None and len(weights) != len(names):
+        raise UsageError(f"reward_weights has {len(weights)} values for {len(names)} reward_funcs")
+    return weights

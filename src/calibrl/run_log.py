@@ -6,8 +6,7 @@ Files, all UTF-8 JSON:
 - `eval.jsonl`     one object per held-out evaluation of one eval set:
                    `{"step": int, "split": str, "accuracy": float, "format_rate": float, "n": int, "stderr": float}`.
 - `run.json`       metadata, merged by every `write_run_info` call: typically `name`, `method`, `config`; the
-                   first write adds `start_time` (ISO 8601) and `versions` (python, torch, trl, transformers,
-                   calibrl); `MetricsLogger` adds `wall_time_s`, `global_step` and `final_metrics` at the end,
+                   first write adds `start_time` (ISO 8601) and `versions` (`calibrl.files.versions`); `MetricsLogger` adds `wall_time_s`, `global_step` and `final_metrics` at the end,
                    `HeldoutEvalCallback` adds `final_eval` ({split: {...}}).
 
 Both callbacks write on the main process only (`state.is_world_process_zero`) and never call collective
@@ -22,11 +21,12 @@ import datetime
 import json
 import math
 import os
-import platform
 import time
 from typing import Any
 
 from transformers import TrainerCallback
+
+from calibrl.files import atomic_write_json, versions
 
 __all__ = ["HeldoutEvalCallback", "MetricsLogger", "read_run", "write_run_info"]
 
@@ -69,23 +69,6 @@ def _append_line(path: str, record: dict) -> None:
         f.flush()
 
 
-def _versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    import calibrl
-
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "calibrl": calibrl.__version__}
-    try:
-        import trl
-
-        out["trl"] = trl.__version__
-    except ImportError:  # trl is a dependency, but the run log does not need it
-        out["trl"] = None
-    return out
-
-
 def write_run_info(run_dir: str | os.PathLike, **info: Any) -> None:
     """Create or update `run_dir/run.json` with `info` (top-level keys are replaced, others kept).
 
@@ -99,13 +82,9 @@ def write_run_info(run_dir: str | os.PathLike, **info: Any) -> None:
         current = _read_json(path)
     else:
         current["start_time"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        current["versions"] = _versions()
+        current["versions"] = versions()
     current.update(_jsonable(info))
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(current, f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, current)
 
 
 # ----------------------------------------------------------------------------------------------------------

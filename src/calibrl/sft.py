@@ -21,68 +21,27 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 
-from calibrl import recipes
-
-
-@dataclass
-class SFTArgs:
-    """Fields of `calibrl sft` (YAML keys or `--key value`)."""
-
-    model: str = field(default="tiny:qwen2_5_vl:small", metadata={"help": "Model directory or tiny:<family>:<size>."})
-    dataset: str = field(default="task:digits", metadata={"help": "task:<name> or a data file with `solution`."})
-    output_dir: str | None = field(default=None, metadata={"help": "Where the model is saved (default runs/sft)."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
-    n_train: int = field(default=4096, metadata={"help": "Rows generated for a task: dataset."})
-    task_seed: int = field(default=0, metadata={"help": "Seed of the generated task rows."})
-    expert_style: str = field(default="native", metadata={"help": "Expert style of a task: dataset."})
-    noise_rate: float = field(default=0.3, metadata={"help": "Share of wrong experts with expert_style=noisy."})
-    difficulty: list[int] | None = field(default=None, metadata={"help": "Difficulty levels of a task: dataset."})
-    task_types: list[str] | None = field(default=None, metadata={"help": "Problem types kept (e.g. digits/sum)."})
-    expert_column: str = field(default="solution", metadata={"help": "Column holding the target solution."})
-    max_steps: int = field(default=300, metadata={"help": "Optimizer steps (upper bound with select_window)."})
-    batch_size: int = field(default=32, metadata={"help": "Rows per step."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (constant after warm-up)."})
-    warmup_steps: int = field(default=30, metadata={"help": "Linear warm-up steps."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    max_length: int = field(default=128, metadata={"help": "Target tokens kept per row, EOS included."})
-    seed: int = field(default=0, metadata={"help": "Seed of the data order and the model build."})
-    logging_steps: int = field(default=10, metadata={"help": "Log the loss every N steps."})
-    select_window: list[float] | None = field(default=None, metadata={"help": "[lo, hi]: stop at the first "
-                                              "checkpoint whose validation accuracy is in the window."})
-    select_every: int = field(default=10, metadata={"help": "Steps between validation checks."})
-    select_after: int = field(default=0, metadata={"help": "First step at which to check."})
-    n_select: int = field(default=128, metadata={"help": "Validation rows (train split, another seed; for a "
-                          "file, the last rows are held out of training)."})
-    select_max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per validation answer."})
-    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
-
-    def __post_init__(self):
-        if self.max_steps < 1 or self.batch_size < 1 or self.select_every < 1 or self.max_length < 2:
-            raise ValueError("max_steps, batch_size and select_every must be >= 1 and max_length >= 2")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.select_window is not None:
-            lo_hi = list(self.select_window)
-            if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0:
-                raise ValueError(f"select_window must be [lo, hi] with 0 <= lo <= hi <= 1, got {lo_hi}")
+from calibrl.config import SFTArgs
+from calibrl.data import load_data_file
+from calibrl.errors import UsageError
+from calibrl.files import atomic_write_text, is_main_process, prepare_output_dir, versions
+from calibrl.models import load_model, save_tiny_model
+from calibrl.multimodal import is_processor, prompt_text, row_images, tokenizer_of
+from calibrl.tasks import task_name
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Batches
 # ----------------------------------------------------------------------------------------------------------
-def _tokenizer(processing_class):
-    return getattr(processing_class, "tokenizer", processing_class)
-
-
 def target_ids(processing_class, solution: str, max_length: int) -> list[int]:
     """The target tokens of one row: the solution without special tokens, truncated, then EOS."""
-    tok = _tokenizer(processing_class)
+    tok = tokenizer_of(processing_class)
     ids = tok(solution, add_special_tokens=False)["input_ids"][: max_length - 1]
     return ids + [tok.eos_token_id]
 
@@ -90,14 +49,12 @@ def target_ids(processing_class, solution: str, max_length: int) -> list[int]:
 def collate(processing_class, rows: list[dict], targets: list[list[int]]) -> dict[str, torch.Tensor]:
     """Model inputs for rows + their targets: left-padded prompts, then right-padded targets, `labels` -100
     everywhere but on target tokens (per-token multimodal fields are extended over the target with zeros)."""
-    from calibrl.evaluate import _is_processor, _prompt_text, _row_images
-
-    use_images = _is_processor(processing_class)
-    tok = _tokenizer(processing_class)
+    use_images = is_processor(processing_class)
+    tok = tokenizer_of(processing_class)
     tok.padding_side = "left"
-    texts = [_prompt_text(processing_class, row, i, use_images) for i, row in enumerate(rows)]
+    texts = [prompt_text(processing_class, row, i, use_images) for i, row in enumerate(rows)]
     if use_images:
-        images = [img for row in rows for img in _row_images(row)]
+        images = [img for row in rows for img in row_images(row)]
         enc = processing_class(text=texts, images=images or None, padding=True, return_tensors="pt",
                                add_special_tokens=False)
     else:
@@ -128,27 +85,41 @@ def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------
+def mix_wordings(rows: list[dict], mismatched: list[dict], share: float, seed: int) -> tuple[list[dict], int]:
+    """`rows` with round(share * n) of them (chosen from `seed`) taking their solution from `mismatched` (the
+    same problems in the mismatched wording): a warm start under which that wording is plausible to the
+    policy but not its first choice. Returns (rows, how many were switched)."""
+    if len(rows) != len(mismatched) or any(a["prompt"] != b["prompt"] for a, b in zip(rows, mismatched)):
+        raise ValueError("the two wordings must be the same problems in the same order")
+    k = round(share * len(rows))
+    switched = set(random.Random(f"calibrl/mismatched_share/{seed}").sample(range(len(rows)), k))
+    return [{**r, "solution": m["solution"]} if i in switched else r
+            for i, (r, m) in enumerate(zip(rows, mismatched))], k
+
+
 def sft_rows(args: SFTArgs) -> tuple[list[dict], list[dict], str]:
     """(training rows, validation rows, description). Rows without a solution are an error."""
-    if recipes.task_name(args.dataset) is not None:
-        train = recipes.task_rows(args.dataset, "train", args.n_train, args.task_seed, args.expert_style,
-                                  args.noise_rate, args.difficulty, args.task_types)
+    if task_name(args.dataset) is not None:
+        train = args.training_rows()
+        described = f"{args.expert_style} solutions"
+        if args.mismatched_share > 0:
+            train, k = mix_wordings(train, args.training_rows("mismatched"), args.mismatched_share, args.task_seed)
+            described += f", {k} of them in the mismatched wording"
         select = []
         if args.select_window is not None:
-            select = recipes.task_rows(args.dataset, "train", args.n_select, args.task_seed + 1, "native", 0.0,
-                                       args.difficulty, args.task_types)
-        return train, select, f"{args.dataset}: {len(train)} train rows, {args.expert_style} solutions"
-    dataset, summary = recipes.load_data_file(args.dataset)
-    rows = recipes.dataset_rows(dataset)
+            select = args.heldout_rows("train", args.n_select, stream="sft_select")
+        return train, select, f"{args.dataset}: {len(train)} train rows, {described}"
+    dataset, summary = load_data_file(args.dataset)
+    rows = [dataset[i] for i in range(len(dataset))]
     missing = [i for i, r in enumerate(rows) if not isinstance(r.get(args.expert_column), str)
                or not r[args.expert_column].strip()]
     if missing:
-        raise recipes.UsageError(f"{args.dataset}: row {missing[0]} has no {args.expert_column!r} to train on "
+        raise UsageError(f"{args.dataset}: row {missing[0]} has no {args.expert_column!r} to train on "
                                  f"({len(missing)} rows without one)")
     select = []
     if args.select_window is not None:
         if len(rows) <= args.n_select:
-            raise recipes.UsageError(f"{args.dataset}: {len(rows)} rows, too few to hold out n_select={args.n_select}")
+            raise UsageError(f"{args.dataset}: {len(rows)} rows, too few to hold out n_select={args.n_select}")
         rows, select = rows[: -args.n_select], rows[-args.n_select:]
     return rows, select, str(summary)
 
@@ -179,7 +150,7 @@ def train_sft(model, processing_class, train: list[dict], select: list[dict], ar
     window = args.select_window
     start = time.time()
     model.train()
-    bar = tqdm(total=args.max_steps, desc="sft", disable=args.disable_tqdm or not recipes.is_main_process())
+    bar = tqdm(total=args.max_steps, desc="sft", disable=args.disable_tqdm or not is_main_process())
     log = open(log_path, "a", encoding="utf-8") if log_path else None
     try:
         for step in range(1, args.max_steps + 1):
@@ -240,20 +211,17 @@ def train_sft(model, processing_class, train: list[dict], select: list[dict], ar
 
 def run_sft(args: SFTArgs, out_dir: str | None = None, quiet: bool = False) -> dict:
     """Build the model and data from `args`, train, save the model (and `sft.json`) into `out_dir`."""
-    from calibrl.models import save_tiny_model
-
     out_dir = out_dir or args.output_dir or os.path.join("runs", "sft")
-    recipes.prepare_output_dir(out_dir, args.overwrite)
+    prepare_output_dir(out_dir, args.overwrite)
     train, select, description = sft_rows(args)
     if not quiet:
         print(f"calibrl sft: {description}; model {args.model}", flush=True)
     torch.manual_seed(args.seed)
-    model, processing_class = recipes.load_model(args.model, seed=args.seed)
+    model, processing_class = load_model(args.model, seed=args.seed)
     summary = train_sft(model, processing_class, train, select, args, log_path=os.path.join(out_dir, "sft_log.jsonl"))
     save_tiny_model(model, processing_class, out_dir)
-    info = {"args": asdict(args), "summary": summary, "versions": recipes.versions()}
-    with open(os.path.join(out_dir, "sft.json"), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2, default=str)
+    info = {"args": asdict(args), "summary": summary, "versions": versions()}
+    atomic_write_text(os.path.join(out_dir, "sft.json"), json.dumps(info, indent=2, default=str))
     return {**summary, "output_dir": out_dir}
 
 

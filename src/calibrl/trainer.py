@@ -3,15 +3,19 @@
 Where we hook into TRL 1.16.0 (pinned; every hook below has a contract test in tests/test_trl_contract.py):
   _calculate_rewards              capture the (N, n_funcs) reward matrix: the pass sign comes from the accuracy
                                   component, not from a threshold on the total reward (METHOD.md §5.4).
-  _generate_single_turn           LUFFY / RL-PLUS: put the expert's tokens into the last slot of its group.
-  _generate_and_score_completions add per-row tensors: pass sign, expert flag, and (CalibRL) the expert's
+  _generate_single_turn           methods with `expert_in_slot` (LUFFY, RL-PLUS): put the expert's tokens into
+                                  the last slot of its group.
+  _generate_and_score_completions add per-row tensors: pass sign, expert flag, the method's advantages, and
+                                  (methods that `needs_expert_forward`: CalibRL with λ > 0) the expert's
                                   per-token log-probs under the pre-update policy, from one no-grad forward per
                                   group in the expert's own context (prompt + images + expert tokens + EOS).
-  _compute_loss                   the loss: PPO-clip on on-policy rows + λ·L_exp (CalibRL) or the expert-token
-                                  loss (LUFFY, RL-PLUS), with each part logged separately.
+  _compute_loss                   the loss from the method's terms: policy term on on-policy rows, expert-row
+                                  term on expert rows (LUFFY, RL-PLUS), guidance term (CalibRL's λ·L_exp),
+                                  with each part logged separately.
   _tokenize_prompts, _get_per_token_logps_and_entropies   reused as they are.
 
-The pure math lives in `calibrl.losses`; this file only moves tensors to it and logs.
+Which method does what is `calibrl.methods` (a registry); the pure math lives in `calibrl.losses`. This file
+asks the method, moves tensors to it, aggregates and logs.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import pad
 
 from calibrl import losses
-from calibrl.config import EXPERT_SLOT_METHODS, METHODS, CalibRLConfig  # noqa: F401 (re-exported)
+from calibrl.config import CalibRLConfig  # noqa: F401 (re-exported: calibrl.trainer.CalibRLConfig)
 from calibrl.data import IMAGE_PLACEHOLDERS  # never in expert ids: they break Qwen's rope index
+from calibrl.methods import Guidance, LossBatch, get_method
+from calibrl.multimodal import row_images
 from calibrl.reward_guard import FAULT_KINDS, GuardedReward, RewardFaults
 
 
@@ -48,6 +54,7 @@ class CalibRLTrainer(GRPOTrainer):
         if args.use_vllm and importlib.util.find_spec("vllm") is None:
             raise ImportError("use_vllm=True but vLLM is not installed: install it on a CUDA machine "
                               "(pip install 'calibrl[vllm]') or set use_vllm=False")
+        self.method = get_method(args.method)  # what the method needs, and the loss terms it supplies
         self.reward_faults = RewardFaults()
         if args.guard_rewards and reward_funcs is not None:
             funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
@@ -67,7 +74,7 @@ class CalibRLTrainer(GRPOTrainer):
         if self.top_entropy_quantile < 1.0 or self.off_policy_mask_threshold is not None or self.use_adaptive_entropy:
             raise ValueError("top_entropy_quantile, off_policy_mask_threshold and use_adaptive_entropy are not "
                              "supported by CalibRLTrainer")
-        if a.uses_expert and (self.tools or self.rollout_func is not None or self.environment_factories is not None):
+        if self.method.uses_expert and (self.tools or self.rollout_func is not None or self.environment_factories is not None):
             raise ValueError(f"method={a.method!r} does not support tools, rollout_func or environment_factory")
         self._accuracy_index = self._resolve_accuracy_index()
         self._last_rewards_per_func: torch.Tensor | None = None
@@ -91,7 +98,7 @@ class CalibRLTrainer(GRPOTrainer):
         for i, n in enumerate(names):
             if "accuracy" in n:
                 return i
-        if a.method == "calibrl" and a.pass_sign == "accuracy":
+        if self.method.uses_pass_sign and a.pass_sign == "accuracy":
             raise ValueError(
                 f"pass_sign='accuracy' needs an accuracy reward function (names {names} contain no 'accuracy'): "
                 "pass accuracy_reward_name=..., or pass_sign='reward_threshold'"
@@ -100,7 +107,7 @@ class CalibRLTrainer(GRPOTrainer):
 
     def guidance_active(self) -> bool:
         """True when the expert takes part in this step (after the GRPO warm-up, in training)."""
-        return self.args.uses_expert and self.model.training and self.state.global_step >= self.args.grpo_warmup_steps
+        return self.method.uses_expert and self.model.training and self.state.global_step >= self.args.grpo_warmup_steps
 
     def create_optimizer(self, *args, **kwargs):
         """TRL's optimizer, with a step that refuses non-finite gradients: a NaN or infinite loss (or gradient)
@@ -264,16 +271,9 @@ class CalibRLTrainer(GRPOTrainer):
         return completion_ids, logprobs
 
     def _generate_and_score_completions(self, inputs):
-        a = self.args
-        G = self.num_generations
         active = self.guidance_active()
         plan, counts = self._expert_plan(inputs) if active else (None, None)
-        slot_method = a.method in EXPERT_SLOT_METHODS
-        if active and slot_method:
-            self._expert_slots = [None] * len(inputs)
-            for g, ids in enumerate(plan):
-                if ids is not None:
-                    self._expert_slots[g * G + G - 1] = ids
+        self._expert_slots = self._slot_plan(plan, len(inputs)) if active and self.method.expert_in_slot else None
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
@@ -283,9 +283,46 @@ class CalibRLTrainer(GRPOTrainer):
         n_proc = self.accelerator.process_index
         local = slice(n_proc * B, (n_proc + 1) * B)
 
-        # --- pass sign s_i (METHOD.md §2): from the accuracy component, else the total-reward threshold ---
+        total, sign_all = self._pass_signs()
+        is_expert = torch.zeros(B, dtype=torch.bool, device=device)
+        if self._expert_slots_used is not None:
+            is_expert = torch.tensor([ids is not None for ids in self._expert_slots_used], device=device)
+        is_expert_all = self.accelerator.gather(is_expert)
+        if self.model.training:
+            self._log_group_stats(total, sign_all, is_expert_all, active)
+
+        faults = self.reward_faults.take()  # guarded reward functions: faults in this batch, per kind
+        for kind in FAULT_KINDS:
+            self._log_sum(f"calibrl/reward_{kind}", faults[kind])
+
+        if active:  # e.g. LUFFY / RL-PLUS: advantages with the expert in or out of the group statistics
+            adv_all = self.method.advantages(total, is_expert_all, self.num_generations, self.args)
+            if adv_all is not None:
+                output["advantages"] = adv_all[local]
+        output["pass_sign"] = sign_all[local].to(torch.float32)
+        output["is_expert"] = is_expert.long()
+
+        if active:
+            self._log_expert_counts(plan, counts)
+            if self.method.needs_expert_forward(self.args):
+                self._add_expert_logps(inputs, plan, output)
+        return output
+
+    def _slot_plan(self, plan: list[list[int] | None], n_rows: int) -> list[list[int] | None]:
+        """Per local row, the expert ids that replace its rollout: the last slot of each group with an expert."""
+        G = self.num_generations
+        slots: list[list[int] | None] = [None] * n_rows
+        for g, ids in enumerate(plan):
+            if ids is not None:
+                slots[g * G + G - 1] = ids
+        return slots
+
+    def _pass_signs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Total reward and pass sign s_i (METHOD.md §2) of every row of the gathered batch, (N,) each: s from
+        the accuracy component, else from the total-reward threshold; an unscorable row (NaN) gets s = 0."""
+        a = self.args
         rpf = self._last_rewards_per_func  # (N_global, n_funcs), gathered across processes
-        total = (rpf * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
+        total = (rpf * self.reward_weights.to(self.accelerator.device).unsqueeze(0)).nansum(dim=1)
         total[torch.isnan(rpf).all(dim=1)] = torch.nan
         if a.pass_sign == "accuracy" and self._accuracy_index is not None:
             acc = rpf[:, self._accuracy_index]
@@ -294,50 +331,31 @@ class CalibRLTrainer(GRPOTrainer):
         else:
             sign_all = torch.where(total > a.pass_threshold, 1.0, -1.0)
             sign_all[torch.isnan(total)] = 0.0
+        return total, sign_all
 
-        is_expert = torch.zeros(B, dtype=torch.bool, device=device)
-        if active and slot_method:
-            is_expert = torch.tensor([ids is not None for ids in self._expert_slots_used], device=device)
-        is_expert_all = self.accelerator.gather(is_expert)
+    def _log_group_stats(self, total, sign_all, is_expert_all, active: bool) -> None:
+        """Group statistics of the gathered batch, over on-policy rows only (an expert row is not a rollout)."""
+        G = self.num_generations
+        metrics = self._metrics["train"]
+        onp = ~is_expert_all.view(-1, G)
+        acc_groups = sign_all.view(-1, G) > 0
+        r = total.view(-1, G)
+        counted = onp & ~torch.isnan(r)
+        hi = torch.where(counted, r, -torch.inf).amax(1)
+        lo = torch.where(counted, r, torch.inf).amin(1)
+        metrics["calibrl/frac_zero_var_groups"].append(((hi - lo) <= 0).float().mean().item())
+        metrics["calibrl/frac_all_wrong_groups"].append((~(acc_groups & onp).any(1)).float().mean().item())
+        metrics["calibrl/frac_all_right_groups"].append(((acc_groups | ~onp).all(1)).float().mean().item())
+        metrics["calibrl/pass_rate"].append(
+            ((sign_all > 0) & ~is_expert_all).float().sum().item() / max(1, int((~is_expert_all).sum())))
+        metrics["calibrl/guidance_active"].append(float(active))
 
-        # --- group statistics for logging (on-policy rows only) ---
-        if self.model.training:
-            onp = ~is_expert_all.view(-1, G)
-            acc_groups = sign_all.view(-1, G) > 0
-            r = total.view(-1, G)
-            counted = onp & ~torch.isnan(r)
-            hi = torch.where(counted, r, -torch.inf).amax(1)
-            lo = torch.where(counted, r, torch.inf).amin(1)
-            self._metrics["train"]["calibrl/frac_zero_var_groups"].append(((hi - lo) <= 0).float().mean().item())
-            self._metrics["train"]["calibrl/frac_all_wrong_groups"].append(
-                (~(acc_groups & onp).any(1)).float().mean().item())
-            self._metrics["train"]["calibrl/frac_all_right_groups"].append(
-                ((acc_groups | ~onp).all(1)).float().mean().item())
-            self._metrics["train"]["calibrl/pass_rate"].append(
-                ((sign_all > 0) & ~is_expert_all).float().sum().item() / max(1, int((~is_expert_all).sum())))
-            self._metrics["train"]["calibrl/guidance_active"].append(float(active))
-
-        faults = self.reward_faults.take()  # guarded reward functions: faults in this batch, per kind
-        for kind in FAULT_KINDS:
-            self._log_sum(f"calibrl/reward_{kind}", faults[kind])
-
-        # --- LUFFY / RL-PLUS: advantages with the expert in or out of the group statistics ---
-        if active and slot_method:
-            adv_all = losses.group_advantages(
-                total, G, normalize=a.scale_rewards,
-                in_stats=None if a.expert_in_group_stats else ~is_expert_all,
-            )
-            output["advantages"] = adv_all[local]
-        output["pass_sign"] = sign_all[local].to(torch.float32)
-        output["is_expert"] = is_expert.long()
-
-        if active:  # one collective gives both the run totals and this batch's shares over all groups
-            sums = self._count({f"expert_{k}": v for k, v in counts.items()} | {"expert_groups": len(plan)})
-            for k in counts:
-                self._step_metrics[f"calibrl/expert_{k}"].append(sums[f"expert_{k}"] / max(1.0, sums["expert_groups"]))
-        if active and a.method == "calibrl":
-            self._add_expert_logps(inputs, plan, output)
-        return output
+    def _log_expert_counts(self, plan, counts: dict[str, float]) -> None:
+        """Experts missing / truncated / stripped: one collective gives both the run totals and this batch's
+        shares over all groups."""
+        sums = self._count({f"expert_{k}": v for k, v in counts.items()} | {"expert_groups": len(plan)})
+        for k in counts:
+            self._step_metrics[f"calibrl/expert_{k}"].append(sums[f"expert_{k}"] / max(1.0, sums["expert_groups"]))
 
     @torch.no_grad()
     def _expert_forward(self, inputs: list[dict], rows: list[int], expert_ids: list[list[int]]):
@@ -347,7 +365,7 @@ class CalibRLTrainer(GRPOTrainer):
         prompts = []
         for r in rows:
             x = inputs[r]
-            images = x.get("images") if "images" in x else ([x["image"]] if x.get("image") is not None else None)
+            images = row_images(x)
             p = x["prompt"]
             if images and is_conversational(x):
                 p = prepare_multimodal_messages(p, images=images)
@@ -373,13 +391,7 @@ class CalibRLTrainer(GRPOTrainer):
         for k in ("token_type_ids", "mm_token_type_ids"):  # extend per-token fields over the expert part
             if k in fwd:
                 fwd[k] = torch.cat([fwd[k], fwd[k].new_zeros(e_ids.shape)], dim=1)
-        num_images = None
-        if "pixel_values" in fwd:
-            num_images = []
-            for r in rows:
-                x = inputs[r]
-                imgs = x.get("images") if "images" in x else ([x["image"]] if x.get("image") is not None else [])
-                num_images.append(len(imgs or []))
+        num_images = [len(row_images(inputs[r])) for r in rows] if "pixel_values" in fwd else None
         allowed = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                    "token_type_ids", "mm_token_type_ids", "image_position_ids")
         fwd = {k: v for k, v in fwd.items() if k in allowed}
@@ -428,114 +440,123 @@ class CalibRLTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------
     # The loss
     # ------------------------------------------------------------------------------------------------------
+    @property
+    def _ga_steps(self) -> float:
+        """What a micro-batch's loss is divided by, as in TRL: the gradient-accumulation steps in training,
+        1 in evaluation."""
+        return self.current_gradient_accumulation_steps if self.model.training else 1.0
+
     def _aggregate(self, per_token: torch.Tensor, mask: torch.Tensor, inputs) -> torch.Tensor:
         """TRL's loss_type normalisation, through `losses.aggregate` (so method=grpo reproduces GRPOTrainer)."""
-        train = self.model.training
-        ga = self.current_gradient_accumulation_steps if train else 1.0
         if self.loss_type == "grpo":
-            return losses.aggregate(per_token, mask, "seq-mean-token-mean") / ga
+            return losses.aggregate(per_token, mask, "seq-mean-token-mean") / self._ga_steps
         if self.loss_type == "bnpo":
-            return losses.aggregate(per_token, mask, "token-mean") / ga
+            return losses.aggregate(per_token, mask, "token-mean") / self._ga_steps
         if self.loss_type == "dr_grpo":
-            return losses.aggregate(per_token, mask, "seq-mean-token-sum-norm", max_len=self.max_completion_length) / ga
+            return losses.aggregate(per_token, mask, "seq-mean-token-sum-norm",
+                                    max_len=self.max_completion_length) / self._ga_steps
         # dapo: token-mean over the whole accumulated generation batch
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-        if train:
+        if self.model.training:
             normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
         return losses.aggregate(per_token, mask, "token-mean", normalizer=normalizer)
 
     def _compute_loss(self, model, inputs):
-        a = self.args
-        train = self.model.training
-        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+        logps, entropies, aux_loss = self._policy_logps(model, inputs)
+        b = self._loss_batch(logps, inputs)
+        mask = b.mask
+        onp_mask = mask * (~b.is_expert).unsqueeze(1).to(mask.dtype)
+
+        per_token, clip_info = self._row_terms(b)
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            per_token = per_token * inputs["importance_sampling_ratio"]
+        kl = None
+        if self.beta != 0.0:
+            ref = inputs["ref_per_token_logps"]
+            kl = torch.exp(ref - logps) - (ref - logps) - 1
+            if self.args.use_bias_correction_kl:
+                kl = kl * torch.exp(logps - b.old_logps)
+            per_token = per_token + self.beta * kl
+        loss = self._aggregate(per_token, mask, inputs)
+        pg_loss = loss.detach()
+
+        guide = torch.zeros((), device=logps.device)
+        guidance = self.method.guidance_term(b, self.args)
+        if guidance is not None:  # e.g. CalibRL's λ·L_exp, after the warm-up
+            guide = self._aggregate_guidance(guidance, onp_mask, inputs)
+            loss = loss + guidance.coef * guide
+
+        if self._entropy_bonus_enabled:  # TRL's static entropy bonus, on on-policy tokens
+            loss = loss - self.entropy_coef * losses.masked_mean(entropies, onp_mask) / self._ga_steps
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / self._ga_steps
+        self._log_loss_parts(pg_loss, guide, entropies, b, onp_mask, clip_info, kl)
+        return loss
+
+    def _policy_logps(self, model, inputs):
+        """Per-token log-probs and entropies of the completions under the current policy, and the router aux
+        loss (MoE), from one forward with gradient."""
+        completion_ids = inputs["completion_ids"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        return self._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled,
             **{k: inputs.get(k) for k in ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
                                           "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
                                           "mm_token_type_ids", "image_position_ids")},
         )
+
+    def _loss_batch(self, logps: torch.Tensor, inputs) -> LossBatch:
+        """What the method's loss terms see: the policy's log-probs next to the batch's rollout tensors."""
+        completion_mask = inputs["completion_mask"]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         adv = inputs["advantages"]
         adv = adv.squeeze(-1) if adv.dim() == 2 and adv.size(1) == 1 else adv
         old = inputs.get("old_per_token_logps")
-        old = logps.detach() if old is None else old
-        B = logps.size(0)
-        is_expert = inputs.get("is_expert", torch.zeros(B, device=logps.device)).bool()
-        onp_mask = mask * (~is_expert).unsqueeze(1).to(mask.dtype)
-        exp_mask = mask * is_expert.unsqueeze(1).to(mask.dtype)
+        old = logps.detach() if old is None else old  # the batch is used once: π_old is the current policy
+        is_expert = inputs.get("is_expert", torch.zeros(logps.size(0), device=logps.device)).bool()
+        return LossBatch(logps=logps, old_logps=old, advantages=adv, mask=mask, is_expert=is_expert,
+                         rollout=inputs, eps_low=self.epsilon_low, eps_high=self.epsilon_high,
+                         sequence_ratio=self.importance_sampling_level == "sequence")
 
-        # J_GRPO: the clipped surrogate on on-policy rows (importance ratio per token or per sequence)
-        if self.importance_sampling_level == "sequence":
-            lw = ((logps - old) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
-            pg, info = losses.ppo_clip_loss(lw, torch.zeros_like(lw), adv, self.epsilon_low, self.epsilon_high, a.delta)
-            pg = pg.expand_as(logps)
-        else:
-            pg, info = losses.ppo_clip_loss(logps, old, adv, self.epsilon_low, self.epsilon_high, a.delta)
-        if a.method in EXPERT_SLOT_METHODS and not a.onpolicy_clip:
-            ratio = torch.exp(logps - old)
-            pg = -ratio * adv.unsqueeze(1)
-        per_token = pg
-        if is_expert.any():  # LUFFY / RL-PLUS expert rows: their own loss, no ratio to π_old, no clip
-            if a.method == "luffy":
-                e_loss = losses.luffy_expert_loss(logps, adv, a.luffy_gamma)
-            else:
-                e_loss = losses.rlplus_expert_loss(logps, old, adv)
-            per_token = torch.where(is_expert.unsqueeze(1), e_loss, pg)
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            per_token = per_token * inputs["importance_sampling_ratio"]
-        if self.beta != 0.0:
-            ref = inputs["ref_per_token_logps"]
-            kl = torch.exp(ref - logps) - (ref - logps) - 1
-            if a.use_bias_correction_kl:
-                kl = kl * torch.exp(logps - old)
-            per_token = per_token + self.beta * kl
-        loss = self._aggregate(per_token, mask, inputs)
-        pg_loss = loss.detach()
+    def _row_terms(self, b: LossBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-token loss (B, T): the method's policy term, and its expert-row term on the rows that hold the
+        expert (no ratio to π_old, no clip); the policy term's clip info for the logs."""
+        pg, info = self.method.policy_term(b, self.args)
+        if b.is_expert.any():
+            return torch.where(b.is_expert.unsqueeze(1), self.method.expert_row_term(b, self.args), pg), info
+        return pg, info
 
-        # λ · L_exp: the calibrated guidance term (CalibRL only, after the warm-up)
-        guide = torch.zeros((), device=logps.device)
-        if a.method == "calibrl" and "expert_logps" in inputs and a.guide_coef > 0:
-            sign = inputs["pass_sign"] * inputs["has_expert"]
-            gap = losses.calibration_gap(logps, mask, inputs["expert_logps"], inputs["expert_mask"], a.gap,
-                                         constant=inputs["expert_constant"][0])
-            g, full = losses.guidance_loss(gap, adv, sign, a.leaky_slope, a.weight_by_abs_adv)
-            if gap.dim() == 2:  # token-level gaps: the same aggregation as the policy-gradient term
-                guide = self._aggregate(g, onp_mask, inputs)
-                live = onp_mask * (sign != 0).unsqueeze(1).to(mask.dtype)  # tokens with a sign
-            else:  # sequence-level gaps: a mean over sequences
-                ga = self.current_gradient_accumulation_steps if train else 1.0
-                guide = g.sum() / (B * ga)
-                live = (sign != 0).float()  # sequences with a sign
-            n, d = float(live.sum()), gap.detach()
-            self._log("calibrl/frac_full_slope", losses.masked_mean(full.float(), live), count=n)
-            self._log("calibrl/gap_mean", losses.masked_mean(d, live), count=n)
-            self._log("calibrl/frac_gap_positive", losses.masked_mean((d > 0).float(), live), count=n)
-            loss = loss + a.guide_coef * guide
+    def _aggregate_guidance(self, g: Guidance, onp_mask: torch.Tensor, inputs) -> torch.Tensor:
+        """The guidance term as one number, by its level (the gap mode: `methods.TOKEN_GAPS` per token, else per
+        sequence), and its logs over the rows or tokens that have a sign."""
+        if g.per_token:  # token-level gaps: the same aggregation as the policy-gradient term
+            guide = self._aggregate(g.loss, onp_mask, inputs)
+            live = onp_mask * (g.sign != 0).unsqueeze(1).to(onp_mask.dtype)  # tokens with a sign
+        else:  # sequence-level gaps: a mean over sequences
+            guide = g.loss.sum() / (g.loss.size(0) * self._ga_steps)
+            live = (g.sign != 0).float()  # sequences with a sign
+        n, d = float(live.sum()), g.gap.detach()
+        self._log("calibrl/frac_full_slope", losses.masked_mean(g.full_slope.float(), live), count=n)
+        self._log("calibrl/gap_mean", losses.masked_mean(d, live), count=n)
+        self._log("calibrl/frac_gap_positive", losses.masked_mean((d > 0).float(), live), count=n)
+        return guide
 
-        if self._entropy_bonus_enabled:  # TRL's static entropy bonus, on on-policy tokens
-            ga = self.current_gradient_accumulation_steps if train else 1.0
-            loss = loss - self.entropy_coef * losses.masked_mean(entropies, onp_mask) / ga
-        if self.aux_loss_enabled:
-            ga = self.current_gradient_accumulation_steps if train else 1.0
-            loss = loss + self.router_aux_loss_coef * aux_loss / ga
-
-        # Logs: each part of the loss, and entropy on on-policy tokens only (expert tokens are off-policy text)
-        ga = self.current_gradient_accumulation_steps if train else 1.0
-        self._log("calibrl/pg_loss", pg_loss * ga)
-        self._log("calibrl/guide_loss", guide.detach() * ga)
+    def _log_loss_parts(self, pg_loss, guide, entropies, b: LossBatch, onp_mask, info, kl) -> None:
+        """Each part of the loss, entropy on on-policy tokens only (expert tokens are off-policy text), clipping."""
+        mask = b.mask
+        self._log("calibrl/pg_loss", pg_loss * self._ga_steps)
+        self._log("calibrl/guide_loss", guide.detach() * self._ga_steps)
         n_on = float(onp_mask.sum())
         self._log("entropy", losses.masked_mean(entropies.detach(), onp_mask), count=n_on)
-        if a.method in EXPERT_SLOT_METHODS:  # same calls on every process: _log reduces across them
+        if self.method.expert_in_slot:  # same calls on every process: _log reduces across them
+            exp_mask = mask * b.is_expert.unsqueeze(1).to(mask.dtype)
             self._log("calibrl/expert_entropy", losses.masked_mean(entropies.detach(), exp_mask),
                       count=float(exp_mask.sum()))
-        low, high = info["low_clipped"].expand_as(logps).float(), info["high_clipped"].expand_as(logps).float()
+        low, high = info["low_clipped"].expand_as(b.logps).float(), info["high_clipped"].expand_as(b.logps).float()
         self._log("clip_ratio/low_mean", losses.masked_mean(low, onp_mask), count=n_on)
         self._log("clip_ratio/high_mean", losses.masked_mean(high, onp_mask), count=n_on)
         self._log("clip_ratio/region_mean", losses.masked_mean(torch.maximum(low, high), onp_mask), count=n_on)
-        if self.beta != 0.0:
+        if kl is not None:
             self._log("kl", losses.masked_mean(kl.detach(), mask), count=float(mask.sum()))
-        return loss

@@ -48,7 +48,8 @@ def run_bench(ns: argparse.Namespace) -> int:
     from calibrl.bench.registry import resolve_names
     from calibrl.bench.report import format_table
     from calibrl.bench.runner import BenchSettings, evaluate_benchmarks, vllm_available
-    from calibrl.recipes import TINY_PREFIX, UsageError, parse_tiny_spec
+    from calibrl.errors import UsageError
+    from calibrl.models import TINY_PREFIX, parse_tiny_spec
 
     if not ns.bench_dir:
         raise UsageError("--bench needs --bench-dir, the folder holding the benchmark copies")

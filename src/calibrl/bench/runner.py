@@ -100,8 +100,9 @@ def chat_row(item: Item, use_images: bool) -> dict:
 
 def hf_generator(model_spec: str, max_new_tokens: int, batch_size: int) -> tuple[Generator, bool]:
     """Generation with transformers through `calibrl.evaluate.generate_completions` (processors, batching)."""
-    from calibrl.evaluate import _is_processor, generate_completions
-    from calibrl.recipes import load_model
+    from calibrl.evaluate import generate_completions
+    from calibrl.multimodal import is_processor
+    from calibrl.models import load_model
 
     model, processing_class = load_model(model_spec)
 
@@ -110,7 +111,7 @@ def hf_generator(model_spec: str, max_new_tokens: int, batch_size: int) -> tuple
                                     batch_size=batch_size, num_samples=num_samples, temperature=temperature,
                                     seed=seed)
 
-    return generate, _is_processor(processing_class)
+    return generate, is_processor(processing_class)
 
 
 def vllm_available() -> bool:
@@ -129,7 +130,7 @@ def vllm_generator(model_spec: str, max_new_tokens: int, batch_size: int) -> tup
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
-    from calibrl.recipes import resolve_model_path
+    from calibrl.models import resolve_model_path
 
     path = resolve_model_path(model_spec)
     processor = AutoProcessor.from_pretrained(path)

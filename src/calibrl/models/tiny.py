@@ -371,8 +371,3 @@ def load_tiny_model(path: str) -> tuple[PreTrainedModel, ProcessorMixin | PreTra
     model = _MODEL_CLASSES[_model_type(path)].from_pretrained(path, dtype=torch.float32)
     model.train()
     return model, load_processor(path)
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Number of parameters (shared tensors counted once)."""
-    return sum(p.numel() for p in model.parameters())

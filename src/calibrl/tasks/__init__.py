@@ -19,15 +19,20 @@ other rows are `mismatched`).
 
 from __future__ import annotations
 
-import io
 import json
 import random
 
+from calibrl.errors import UsageError
+from calibrl.multimodal import png_dict
 from calibrl.tasks import digits, shapes
 from calibrl.tasks.common import DIFFICULTIES, INSTRUCTION, LETTERS, SPLITS, STYLES, Problem, make_prompt
 from calibrl.tasks.common import noisy_count, solution_text, verbose_think
 
 TASKS = ("digits", "shapes", "mixed")
+TASK_PREFIX = "task:"  # how a config names a generated dataset: task:digits
+# Seed offsets of the row streams drawn from one `task_seed`, so that training rows, SFT validation rows, the
+# held-out curve during training and the final before/after evaluation never share a draw.
+SEED_STREAMS = {"train": 0, "sft_select": 1, "heldout": 1000, "final_eval": 2000}
 _SAMPLERS = {"digits": digits.sample, "shapes": shapes.sample}
 
 __all__ = [
@@ -36,10 +41,13 @@ __all__ = [
     "SPLITS",
     "STYLES",
     "TASKS",
-    "digit_indices",
+    "SEED_STREAMS",
+    "TASK_PREFIX",
     "make_dataset",
     "native_solution",
     "task_corpus",
+    "task_name",
+    "task_rows",
     "to_hf_dataset",
 ]
 
@@ -127,16 +135,45 @@ def native_solution(row: dict) -> str:
     return meta["native"]
 
 
-def digit_indices(row: dict) -> list[int]:
-    """The scikit-learn scan indices a digits row shows (empty for other tasks)."""
-    meta = json.loads(row["meta"]) if isinstance(row["meta"], str) else row["meta"]
-    return list(meta.get("indices", [])) if row["task"].startswith("digits/") else []
+def task_name(spec: str) -> str | None:
+    """'task:digits' -> 'digits'; None for a file source. Unknown task names are a `UsageError`."""
+    if not spec.startswith(TASK_PREFIX):
+        return None
+    name = spec[len(TASK_PREFIX):]
+    if name not in TASKS:
+        raise UsageError(f"dataset {spec!r}: unknown task {name!r}, expected one of {list(TASKS)}")
+    return name
 
 
-def _png(image) -> dict:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)  # lossless; level 1 is faster and no bigger here
-    return {"bytes": buffer.getvalue(), "path": None}
+def task_rows(spec: str, split: str, n: int, seed: int, expert_style: str = "native", noise_rate: float = 0.3,
+              difficulty: list[int] | None = None, task_types: list[str] | None = None) -> list[dict]:
+    """`n` rows of a `task:` dataset (dicts with PIL images); bad settings are a `UsageError`.
+
+    `task_types` (e.g. `["digits/sum"]`) keeps only those problem types in the `train` and `test` splits:
+    rows are generated in growing batches (deterministic in `seed`) until `n` match. The `ood` split is
+    never filtered, since its problem types are held out by design. The noisy experts are drawn over the
+    generated rows, before the filter, so the kept rows hold about `noise_rate` of them, not exactly.
+    """
+    def make(size: int) -> list[dict]:
+        try:
+            return make_dataset(task_name(spec), split, n=size, seed=seed, expert_style=expert_style,
+                                noise_rate=noise_rate, difficulty=difficulty)
+        except ValueError as e:
+            raise UsageError(f"dataset {spec!r}: {e}") from None
+
+    if not task_types or split == "ood":
+        return make(n)
+    wanted, size = set(task_types), 2 * n
+    while True:
+        rows = make(size)
+        kept = [r for r in rows if r["task"] in wanted]
+        if len(kept) >= n:
+            return kept[:n]
+        if not kept or size >= 64 * n:
+            found = sorted({r["task"] for r in rows})
+            raise UsageError(f"dataset {spec!r}: too few rows of task_types {sorted(wanted)} in split {split!r} "
+                             f"(types there: {found})")
+        size *= 2
 
 
 def to_hf_dataset(rows: list[dict]):
@@ -175,7 +212,7 @@ def to_hf_dataset(rows: list[dict]):
             {"role": m["role"], "content": [{"type": b["type"], "text": b.get("text")} for b in m["content"]]}
             for m in row["prompt"]
         ]
-        record["images"] = [_png(image) for image in row["images"]]
+        record["images"] = [png_dict(image, compress_level=1) for image in row["images"]]  # level 1: faster, no bigger here
         record["meta"] = row["meta"] if isinstance(row["meta"], str) else json.dumps(row["meta"])
         records.append(record)
     table = pa.Table.from_pylist(records, schema=features.arrow_schema)

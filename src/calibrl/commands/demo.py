@@ -2,9 +2,10 @@
 
 1. Build the tiny Qwen2.5-VL (`small`: hidden 128, 4 layers, tokenizer trained on the task text).
 2. Warm-start it with a short SFT on `native` expert solutions of the digits task, stopping at the first
-   checkpoint whose accuracy on TRAIN-split validation rows lands in a window (default 20-50%): RL needs
+   checkpoint whose accuracy on TRAIN-split validation rows lands in a window (default 25-45%): RL needs
    a base that sometimes succeeds and often fails. The warm start is cached under
-   `$CALIBRL_CACHE/sft-<hash of its settings>/` (default `.cache/calibrl`), so a second demo skips it.
+   `$CALIBRL_CACHE/sft-<hash of its settings>/` (default `.cache/calibrl`), so a second demo skips it
+   (`--no_cache` rebuilds it).
 3. Evaluate the base greedily on held-out in-domain (`test`: unseen digit images) and out-of-domain
    (`ood`: multiplication, never trained on) rows.
 4. Train it with CalibRL, the expert solutions written in the `mismatched` style (as in the paper: the
@@ -13,22 +14,28 @@
    errors and the time of each phase), print the before/after table, and draw the plots.
 
 The configuration is `DEMO_YAML` below (also at configs/demo.yaml in the repository; a test keeps the two
-identical). It is written into the run folder as `demo_config.yaml`, so every run records what it ran.
+identical); `--config` runs another one (the test suite runs a tiny one). It is written into the run folder as
+`demo_config.yaml`, so every run records what it ran. A new demo replaces the previous demo run in its folder.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-from calibrl import recipes
+from calibrl.config import DemoArgs, SFTArgs, load_train_config, parse_config
+from calibrl.errors import UsageError
+from calibrl.files import cache_dir, check_output_dir, publish_dir, settings_hash
+
+CONFIG_FILE = "demo_config.yaml"  # marks a folder as a demo run (so a new demo may replace it)
 
 DEMO_YAML = """\
-# calibrl demo: what `calibrl demo` runs (a copy of this text ships inside the package, calibrl/demo.py).
+# calibrl demo: what `calibrl demo` runs (a copy of this text ships inside the package, calibrl/commands/demo.py).
 # One section per phase; `calibrl sft configs/demo.yaml` and `calibrl train configs/demo.yaml --model <sft dir>`
 # run the same phases by hand. Sized for 2 CPU cores: ~6 minutes in all.
 
@@ -89,50 +96,36 @@ demo:                                 # the before / after comparison in results
   eval_max_new_tokens: 48
 """
 
-# Same code path, tiny sizes: what the test suite runs (`calibrl demo --smoke`).
-SMOKE = {
-    "sft": ["--model", "tiny:qwen2_5_vl:nano", "--n_train", "64", "--batch_size", "8", "--max_steps", "4",
-            "--warmup_steps", "1", "--select_window", "0", "1", "--select_every", "2", "--select_after", "2",
-            "--n_select", "8", "--select_max_new_tokens", "8"],
-    "train": ["--n_train", "32", "--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations",
-              "4", "--max_completion_length", "16", "--eval_every", "1", "--n_eval", "4"],
-    "demo": ["--n_eval", "8", "--eval_max_new_tokens", "16"],
-}
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=os.path.join("runs", "demo"), help="run folder (default runs/demo; a previous "
+                   "demo run there is replaced)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder that is not a demo run")
+    p.add_argument("--config", default=None, help="a demo config (default: the packaged one; see --print_config)")
+    p.add_argument("--print_config", action="store_true", help="print the packaged demo config and exit")
+    p.add_argument("--no_cache", action="store_true", help="redo the SFT warm start even if it is cached")
 
 
-@dataclass
-class DemoArgs:
-    """The `demo:` section: the before/after evaluation."""
-
-    n_eval: int = field(default=500, metadata={"help": "Held-out rows per split, before and after RL."})
-    eval_splits: list[str] = field(default_factory=lambda: ["test", "ood"], metadata={"help": "Splits to compare."})
-    eval_batch_size: int = field(default=64, metadata={"help": "Generation batch size."})
-    eval_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per answer."})
-    eval_seed_offset: int = field(default=2000, metadata={"help": "Held-out rows use task_seed + this offset."})
-
-
-def load_demo_config(path: str, smoke: bool = False, out_dir: str | None = None):
+def load_demo_config(path: str, out_dir: str | None = None):
     """(SFTArgs, CalibRLConfig, RunArgs, DemoArgs) from a sectioned demo config; RL writes to `out_dir`."""
-    from calibrl.cli import load_train_config
-    from calibrl.sft import SFTArgs
-
-    (sft_args,) = recipes.parse_config([SFTArgs], path, SMOKE["sft"] if smoke else [], section="sft")
-    train_overrides = (SMOKE["train"] if smoke else []) + (["--output_dir", out_dir] if out_dir else [])
-    config, run = load_train_config(path, train_overrides + ["--run_name", "demo"], section="train")
-    (demo_args,) = recipes.parse_config([DemoArgs], path, SMOKE["demo"] if smoke else [], section="demo")
+    (sft_args,) = parse_config([SFTArgs], path, section="sft")
+    config, run = load_train_config(path, (["--output_dir", out_dir] if out_dir else []) + ["--run_name", "demo"])
+    (demo_args,) = parse_config([DemoArgs], path, section="demo")
     return sft_args, config, run, demo_args
 
 
-def warm_start_dir(sft_args) -> Path:
+def warm_start_dir(sft_args: SFTArgs) -> Path:
     """The cache folder of a warm start: `sft-<hash of every setting that changes the model>`."""
     from calibrl import __version__
 
     settings = {k: v for k, v in asdict(sft_args).items() if k not in ("output_dir", "overwrite", "disable_tqdm")}
+    if not settings["mismatched_share"]:  # a field added later counts only when set: older warm starts keep their key
+        del settings["mismatched_share"]
     settings["calibrl"] = __version__
-    return recipes.cache_dir() / f"sft-{recipes.settings_hash(settings)}"
+    return cache_dir() / f"sft-{settings_hash(settings)}"
 
 
-def warm_start(sft_args, use_cache: bool = True, quiet: bool = False) -> tuple[str, dict, bool]:
+def warm_start(sft_args: SFTArgs, use_cache: bool = True, quiet: bool = False) -> tuple[str, dict, bool]:
     """The SFT warm start for `sft_args`, from the cache when present: (model dir, summary, was cached)."""
     from calibrl.sft import run_sft
 
@@ -144,18 +137,18 @@ def warm_start(sft_args, use_cache: bool = True, quiet: bool = False) -> tuple[s
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     summary = run_sft(sft_args, out_dir=str(tmp), quiet=quiet)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    publish_dir(tmp, out, replace=True)
     summary["output_dir"] = str(out)
     return str(out), summary, False
 
 
-def _eval_rows(run, demo_args) -> dict[str, list[dict]]:
-    return {split: recipes.task_rows(run.dataset, split, demo_args.n_eval, run.task_seed + demo_args.eval_seed_offset,
-                                     "native", 0.0, run.difficulty, run.task_types) for split in demo_args.eval_splits}
+def final_eval_rows(run, demo_args: DemoArgs) -> dict[str, list[dict]]:
+    """The before/after evaluation rows by split: the `final_eval` seed stream, never trained or curve-evaluated on."""
+    return {split: run.heldout_rows(split, demo_args.n_eval, stream="final_eval") for split in demo_args.eval_splits}
 
 
-def _evaluate_all(model, processing_class, sets: dict[str, list[dict]], demo_args) -> dict:
+def evaluate_sets(model, processing_class, sets: dict[str, list[dict]], demo_args: DemoArgs) -> dict:
+    """Greedy evaluation of every row of `sets` (grouped by split, task and difficulty in the results)."""
     from calibrl.evaluate import evaluate
 
     rows = [r for split_rows in sets.values() for r in split_rows]
@@ -190,49 +183,91 @@ def comparison_table(comp: dict, timings: dict) -> str:
     return "\n".join(lines)
 
 
-def fit_threads_to_load() -> str | None:
-    """Use only the cores other processes leave free (unless OMP_NUM_THREADS is set); returns a note if changed.
+def busy_cores(window_s: float = 0.5) -> float | None:
+    """How many cores other processes keep busy right now: the share of non-idle time in /proc/stat over a short
+    window, times the number of cores (this process sleeps meanwhile). None where /proc/stat is not readable."""
+    def sample() -> tuple[int, int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            lines = f.read().splitlines()
+        fields = [int(x) for x in lines[0].split()[1:]]
+        cores = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle, cores  # user..steal (guest time is already counted in user)
 
-    Measured on 2 cores: with another process busy, torch at 2 threads ran a GRPO step 5-10x slower than
-    at 1 thread (the threads wait on each other), while on an idle machine 2 threads are faster.
+    try:
+        total0, idle0, cores = sample()
+        time.sleep(window_s)
+        total1, idle1, _ = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total1 - total0
+    if elapsed <= 0 or cores <= 0:
+        return None
+    return cores * (1.0 - (idle1 - idle0) / elapsed)
+
+
+def fit_threads_to_cpus() -> str | None:
+    """Use only the cores other processes leave free now (unless OMP_NUM_THREADS is set); a note if changed.
+
+    Measured on 2 cores: with another process busy, torch at 2 threads ran a GRPO step 5-10x slower than at
+    1 thread (the threads wait on each other), while on an idle machine 2 threads are faster. The load average
+    lags by a minute (it still reads "busy" right after an install), so the CPUs are sampled instead.
     """
     import torch
 
-    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+    if "OMP_NUM_THREADS" in os.environ:
         return None
-    cores, load = os.cpu_count() or 1, os.getloadavg()[0]
-    free = max(1, int(cores - load + 0.5))
-    if free >= torch.get_num_threads():
+    busy = busy_cores()
+    if busy is None:
+        return None
+    cores = os.cpu_count() or 1
+    free = max(1, min(cores, int(cores - busy + 0.5)))
+    if free == torch.get_num_threads():
         return None
     torch.set_num_threads(free)
-    return f"machine busy (load {load:.1f} on {cores} cores): torch uses {free} thread(s)"
+    return f"{busy:.1f} of {cores} cores busy now: torch uses {free} thread(s)"
 
 
 def _pm(p: float, se: float) -> str:
     return f"{100 * p:.1f} ± {100 * se:.1f}%"
 
 
+def prepare_demo_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> tuple[Path, bool]:
+    """The demo's run folder, emptied: (folder, whether a previous demo run was replaced). A folder holding
+    anything but a demo run is left untouched (a `UsageError`) unless `overwrite`."""
+    out = Path(out_dir)
+    previous = (out / CONFIG_FILE).is_file()
+    check_output_dir(out, overwrite or previous)
+    replaced = out.is_dir() and any(out.iterdir())
+    if replaced:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, replaced and previous
+
+
 def run_demo(out_dir: str = os.path.join("runs", "demo"), overwrite: bool = False, config_path: str | None = None,
-             smoke: bool = False, use_cache: bool = True) -> dict:
+             use_cache: bool = True) -> dict:
     """Run the demo into `out_dir`; returns what results.json holds."""
-    from calibrl.cli import build_trainer
+    from calibrl.commands.train import build_trainer
     from calibrl.evaluate import save_results
     from calibrl.models import load_tiny_model
     from calibrl.plots import plot_runs
     from calibrl.run_log import write_run_info
 
     t0 = time.time()
-    out = recipes.prepare_output_dir(out_dir, overwrite)
-    config_file = out / "demo_config.yaml"
+    if config_path is not None and not os.path.isfile(config_path):
+        raise UsageError(f"config file not found: {config_path}")
+    out, replaced = prepare_demo_dir(out_dir, overwrite)
+    if replaced:
+        print(f"   (replacing the previous demo run in {out})", flush=True)
+    config_file = out / CONFIG_FILE
     if config_path is not None:
-        if not os.path.isfile(config_path):
-            raise recipes.UsageError(f"config file not found: {config_path}")
         shutil.copyfile(config_path, config_file)
     else:
         config_file.write_text(DEMO_YAML, encoding="utf-8")
-    sft_args, config, run, demo_args = load_demo_config(str(config_file), smoke=smoke, out_dir=str(out))
+    sft_args, config, run, demo_args = load_demo_config(str(config_file), out_dir=str(out))
     timings: dict[str, float] = {}
-    note = fit_threads_to_load()
+    note = fit_threads_to_cpus()
     if note:
         print(f"   ({note})", flush=True)
 
@@ -247,9 +282,9 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), overwrite: bool = Fals
     # 3. before
     print(f"== 2/4 held-out evaluation of the base ({demo_args.n_eval} rows x {demo_args.eval_splits})", flush=True)
     t = time.time()
-    sets = _eval_rows(run, demo_args)
+    sets = final_eval_rows(run, demo_args)
     model, processing_class = load_tiny_model(base_dir)
-    before = _evaluate_all(model, processing_class, sets, demo_args)
+    before = evaluate_sets(model, processing_class, sets, demo_args)
     timings["eval_before_s"] = round(time.time() - t, 1)
     print("   " + ", ".join(f"{s}: {_pm(v['accuracy'], v['stderr'])}" for s, v in before["by_split"].items()),
           flush=True)
@@ -269,24 +304,35 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), overwrite: bool = Fals
     # 5. after
     print("== 4/4 held-out evaluation after RL", flush=True)
     t = time.time()
-    after = _evaluate_all(trainer.model, processing_class, sets, demo_args)
+    after = evaluate_sets(trainer.model, processing_class, sets, demo_args)
     timings["eval_after_s"] = round(time.time() - t, 1)
     timings["total_s"] = round(time.time() - t0, 1)
 
     comp = comparison(before, after)
+    import torch
+
     results = {"comparison": comp, "before": before, "after": after, "timings": timings,
                "sft": {**sft_summary, "model_dir": base_dir, "cached": cached},
                "settings": {"sft": asdict(sft_args), "demo": asdict(demo_args), "method": config.method,
-                            "max_steps": config.max_steps, "smoke": smoke}}
+                            "max_steps": config.max_steps, "torch_threads": torch.get_num_threads()}}
     save_results(results, out / "results.json")
     write_run_info(out, demo=comp, timings=timings)
     pngs = plot_runs([str(out)], str(out / "plots"))
     print()
     print(comparison_table(comp, timings))
     print(f"\nrun folder: {out} (results.json, metrics.jsonl, eval.jsonl, model/, plots: "
-          f"{', '.join(Path(p).name for p in pngs)})")
+          f"{', '.join(Path(p).name for p in pngs)}); warm start {'reused from the cache' if cached else 'trained and cached'}"
+          f", {torch.get_num_threads()} torch thread(s)")
     return results
 
 
 def _acc(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def run(ns: argparse.Namespace) -> int:
+    if ns.print_config:
+        print(DEMO_YAML, end="")
+        return 0
+    run_demo(ns.out, overwrite=ns.overwrite, config_path=ns.config, use_cache=not ns.no_cache)
+    return 0

@@ -1,0 +1,19 @@
+"""`calibrl sft`: the supervised warm start (`calibrl.sft`) from a config, then a summary of what was kept."""
+
+from __future__ import annotations
+
+from calibrl.config import SFTArgs, parse_config
+
+CONFIG_TYPES = (SFTArgs,)
+DESCRIPTION = "Supervised warm start. Keys from CONFIG.yaml (flat, or its `sft:` section) and/or --key value."
+
+
+def run(config_path: str | None, overrides: list[str]) -> int:
+    """`calibrl sft [CONFIG.yaml] [--key value ...]`."""
+    from calibrl.sft import run_sft, summary_table
+
+    (args,) = parse_config([SFTArgs], config_path, overrides, section="sft")
+    summary = run_sft(args)
+    print(f"\nmodel saved to {summary['output_dir']}")
+    print(summary_table(summary))
+    return 0

@@ -1,0 +1,48 @@
+"""The regime knob: SFT targets with a share in the mismatched wording, and the base-measuring script."""
+
+import json
+
+import pytest
+
+from calibrl.config import SFTArgs
+from calibrl.sft import mix_wordings, sft_rows
+
+
+def test_mismatched_share_switches_exactly_that_many_targets_and_nothing_else():
+    args = SFTArgs(dataset="task:digits", n_train=40, difficulty=[1], mismatched_share=0.1)
+    train, _, description = sft_rows(args)
+    native = SFTArgs(dataset="task:digits", n_train=40, difficulty=[1]).training_rows()
+    switched = [i for i, (a, b) in enumerate(zip(train, native)) if a["solution"] != b["solution"]]
+    assert len(switched) == 4 and "4 of them in the mismatched wording" in description
+    assert all(train[i]["prompt"] == native[i]["prompt"] and train[i]["answer"] == native[i]["answer"] for i in range(40))
+    assert sft_rows(args)[0] == train  # deterministic in task_seed
+    with pytest.raises(ValueError, match="same problems"):
+        mix_wordings(native, native[::-1], 0.5, 0)
+    with pytest.raises(ValueError, match="mismatched_share"):
+        SFTArgs(mismatched_share=1.5)
+
+
+def test_warm_start_cache_key_ignores_an_unset_share():
+    from calibrl.commands.demo import warm_start_dir
+
+    plain, mixed = SFTArgs(), SFTArgs(mismatched_share=0.05)
+    assert warm_start_dir(plain) != warm_start_dir(mixed)
+    assert warm_start_dir(plain) == warm_start_dir(SFTArgs(mismatched_share=0.0))
+
+
+@pytest.mark.slow
+def test_regime_script_quick_is_resumable(tmp_path, monkeypatch):
+    from benchmarks import regime, report
+
+    monkeypatch.setenv("CALIBRL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bases.json"
+    assert regime.main(["--quick", "--out", str(out), "--shares", "0", "0.5"]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["bases"]) == {"0", "0.5"} and data["quick"] is True
+    for entry in data["bases"].values():
+        assert 0.0 <= entry["probe"]["share_gap_positive"]["token"] <= 1.0 and "test" in entry["heldout"]
+    section = "\n".join(report.regime_section({"regime": data, "base": None}))
+    assert "| 0% |" in section and "| 50% |" in section and "Bases in the target regime" in section
+    stamp = out.stat().st_mtime_ns
+    assert regime.main(["--quick", "--out", str(out), "--shares", "0"]) == 0  # done already: nothing redone
+    assert out.stat().st_mtime_ns == stamp
