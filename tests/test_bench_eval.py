@@ -12,7 +12,8 @@ from calibrl.bench.fixtures import write_fixtures
 from calibrl.bench.report import format_table
 from calibrl.bench.runner import BenchSettings, evaluate_benchmarks, load_benchmark
 from calibrl.cli import main
-\npytestmark = pytest.mark.slow  # every test here generates with tiny models
+
+pytestmark = pytest.mark.slow  # every test here generates with tiny models
 
 
 @pytest.fixture(scope="module")
