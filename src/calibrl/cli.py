@@ -3,6 +3,7 @@
     calibrl train CONFIG.yaml [--key value ...]   RL (CalibRL or a baseline) with TRL's GRPO machinery
     calibrl sft CONFIG.yaml [--key value ...]     supervised warm start on expert solutions
     calibrl eval MODEL --data task:digits         held-out greedy accuracy, pass@k, format rate
+    calibrl eval MODEL [MODEL ...] --bench paper --bench-dir DIR   the paper's benchmarks, each by its own rules
     calibrl plot RUN_DIR [RUN_DIR ...]            training curves of run folders, overlaid
     calibrl probe MODEL --data task:digits        before training: where the expert sits for the policy
     calibrl demo                                  the whole pipeline on a tiny model, offline, on CPU

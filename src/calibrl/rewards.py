@@ -45,6 +45,9 @@ __all__ = [
     "is_correct",
     "is_strict_format",
     "normalize_answer",
+    "answer_number",
+    "choice_letter",
+    "symbolic_equal",
 ]
 
 
@@ -281,6 +284,16 @@ def symbolic_equal(pred: str, gold: str, timeout_s: float = SYMBOLIC_TIMEOUT_S) 
     worker.start()
     worker.join(timeout_s)
     return bool(result and result[0])
+
+
+def choice_letter(pred: str) -> str | None:
+    """The option letter (A-K) an answer picks (`B`, `(B)`, `B.`, `B: text`, `The answer is B`), or None."""
+    return _choice_letter(str(pred))
+
+
+def answer_number(s: str) -> float | None:
+    """An answer as a number after `normalize_answer` (`$1,234`, `50%`, `3 cm`, `\\frac{3}{2}`, `7/2`), or None."""
+    return _to_number(normalize_answer(str(s)))
 
 
 def is_correct(pred: str | None, gold: Any) -> bool:

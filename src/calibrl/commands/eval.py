@@ -11,19 +11,25 @@ from calibrl.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a model directory (a run's model/ folder, an sft output) or tiny:<family>:<size>")
-    p.add_argument("--data", required=True, nargs="+", help="task:digits / task:shapes / task:mixed, or data files")
+    from calibrl.bench.command import add_bench_arguments
+
+    p.add_argument("model", nargs="+", help="a model directory (a run's model/ folder, an sft output) or "
+                   "tiny:<family>:<size>; with --bench, several checkpoints side by side")
+    p.add_argument("--data", nargs="+", help="task:digits / task:shapes / task:mixed, or data files")
     p.add_argument("--split", nargs="+", default=["test", "ood"], help="splits of a task: dataset (default: test ood)")
-    p.add_argument("--n", type=int, default=200, help="rows per split or file (default 200; 0 = the whole file)")
+    p.add_argument("--n", type=int, default=None, help="rows per split or file (default 200; 0 = the whole file); "
+                   "with --bench, the first N questions of each benchmark (default: all)")
     p.add_argument("--task_seed", type=int, default=0, help="seed of the generated rows (the held-out rows of a "
                    "run with the same task_seed)")
     p.add_argument("--difficulty", type=int, nargs="+", default=None, help="difficulty levels of a task")
     p.add_argument("--task_types", nargs="+", default=None, help="problem types kept in train/test (e.g. digits/sum)")
     p.add_argument("--k", type=int, nargs="+", default=[1], help="pass@k values (k > 1 samples at T=1)")
     p.add_argument("--num_samples", type=int, default=None, help="samples per row for pass@k (default: max k)")
-    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--max_new_tokens", type=int, default=None, help="default 64; with --bench 1024")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--out", default=None, help="write the results as JSON here; with --bench, the output folder "
+                   "(default runs/bench)")
+    add_bench_arguments(p)
 
 
 def eval_rows(data: list[str], splits: list[str], n: int, task_seed: int = 0, difficulty: list[int] | None = None,
@@ -70,6 +76,17 @@ def run(ns: argparse.Namespace) -> int:
     from calibrl.evaluate import format_table, save_results
     from calibrl.models import TINY_PREFIX, parse_tiny_spec
 
+    if ns.bench is not None:
+        from calibrl.bench.command import run_bench
+
+        return run_bench(ns)
+    if not ns.data:
+        raise UsageError("calibrl eval needs --data (task:digits, data files) or --bench (benchmark copies)")
+    if len(ns.model) > 1:
+        raise UsageError(f"--data evaluates one model, got {len(ns.model)}; several checkpoints need --bench")
+    ns.model = ns.model[0]
+    ns.n = 200 if ns.n is None else ns.n
+    ns.max_new_tokens = ns.max_new_tokens or 64
     if ns.n < 0:
         raise UsageError(f"--n must be >= 0, got {ns.n}")
     if ns.model.startswith(TINY_PREFIX):
