@@ -117,6 +117,12 @@ def main() -> None:
         }
         with open(os.path.join(opts.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f)
+    # Leave together and tear the process group down before the interpreter does: a rank that exits while
+    # gloo's threads are still alive can abort ("terminate called without an active exception", SIGABRT).
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    print(f"ds_worker: rank {rank} done", flush=True)  # every output is written (test_deepspeed reads this)
 
 
 if __name__ == "__main__":
