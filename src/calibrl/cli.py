@@ -23,9 +23,12 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from calibrl.checkpoints import CheckpointError
 from calibrl.recipes import UsageError
+from calibrl.storage import StorageError, check_file_writable, check_writable
 
 EXIT_USAGE = 2
+EXIT_STORAGE = 1
 
 
 @dataclass
@@ -191,6 +194,7 @@ def _pct(record: dict) -> str:
 
 def run_train(config_path: str | None, overrides: list[str]) -> int:
     from calibrl import recipes
+    from calibrl.checkpoints import save_final_model
     from calibrl.run_log import write_run_info
 
     from accelerate import PartialState
@@ -199,6 +203,9 @@ def run_train(config_path: str | None, overrides: list[str]) -> int:
     state = PartialState()
     main = state.is_main_process
     run_dir = config.output_dir
+    check_writable(run_dir)  # before any model or data is loaded
+    if not run.model.startswith(recipes.TINY_PREFIX):
+        recipes.resolve_model_path(run.model)  # a typo or an unreachable hub: one line, at once
     if config.resume_from_checkpoint is None:
         recipes.check_output_dir(run_dir, run.overwrite)  # every process, before any of them writes
         state.wait_for_everyone()
@@ -210,7 +217,7 @@ def run_train(config_path: str | None, overrides: list[str]) -> int:
                        run=asdict(run), command=["calibrl", "train"] + ([config_path] if config_path else [])
                        + list(overrides))
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(os.path.join(run_dir, "model"))
+    save_final_model(trainer, os.path.join(run_dir, "model"))  # never loses the weights to a full disk
     if main:
         counts = dict(trainer.run_counts, skipped_steps=trainer.all_skipped_steps)
         write_run_info(run_dir, data=trainer.calibrl_data_description, counts=counts)
@@ -242,6 +249,7 @@ def run_sft_command(config_path: str | None, overrides: list[str]) -> int:
     from calibrl.sft import SFTArgs, run_sft, summary_table
 
     (args,) = parse_config([SFTArgs], config_path, overrides, section="sft")
+    check_writable(args.output_dir or os.path.join("runs", "sft"))
     summary = run_sft(args)
     print(f"\nmodel saved to {summary['output_dir']}")
     print(summary_table(summary))
@@ -273,10 +281,14 @@ def run_eval(ns: argparse.Namespace) -> int:
 
     if ns.n < 0:
         raise UsageError(f"--n must be >= 0, got {ns.n}")
+    if ns.out:
+        check_file_writable(ns.out, "--out")  # before any evaluation
     if ns.model.startswith(recipes.TINY_PREFIX):
         recipes.parse_tiny_spec(ns.model)  # fail before generating any data
     elif not os.path.isdir(ns.model) and os.path.exists(ns.model):
         raise UsageError(f"model {ns.model} is not a folder")
+    else:
+        recipes.resolve_model_path(ns.model)  # a typo or an unreachable hub: one line, before any work
     rows: list[dict] = []
     for source in ns.data:
         if recipes.task_name(source) is not None:
@@ -326,6 +338,7 @@ def run_plot(ns: argparse.Namespace) -> int:
     if ns.smooth < 1:
         raise UsageError(f"--smooth must be >= 1, got {ns.smooth}")
     out = ns.out or (os.path.join(ns.run_dirs[0], "plots") if len(ns.run_dirs) == 1 else "plots")
+    check_writable(out, "--out")
     try:
         pngs = plot_runs(list(ns.run_dirs), out, labels=ns.labels, smooth=ns.smooth)
     except (FileNotFoundError, ValueError) as e:
@@ -355,6 +368,7 @@ def run_demo_command(ns: argparse.Namespace) -> int:
     if ns.print_config:
         print(demo.DEMO_YAML, end="")
         return 0
+    check_writable(ns.out, "--out")
     demo.run_demo(ns.out, overwrite=ns.overwrite, config_path=ns.config, smoke=ns.smoke, use_cache=not ns.no_cache)
     return 0
 
@@ -445,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"calibrl: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except (StorageError, CheckpointError) as e:  # a full or read-only disk; a checkpoint that is not whole
+        print(f"calibrl: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_STORAGE if isinstance(e, StorageError) else EXIT_USAGE
     except KeyboardInterrupt:
         print("calibrl: interrupted", file=sys.stderr)
         return 130

@@ -14,6 +14,13 @@ SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 PASS_SIGNS = ("accuracy", "reward_threshold")
 
 
+def _bf16_device() -> bool:
+    """Whether an accelerator that trains in bf16 is present (TRL defaults bf16=True, which fails on a CPU)."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return is_torch_bf16_gpu_available() or is_torch_xla_available()
+
+
 @dataclass
 class CalibRLConfig(GRPOConfig):
     """`GRPOConfig` plus the CalibRL fields. Every GRPOConfig field works as in TRL.
@@ -60,6 +67,8 @@ class CalibRLConfig(GRPOConfig):
             self.epsilon_high = 0.28 if self.epsilon_high is None else self.epsilon_high
             self.loss_type = "dapo"
             self.scale_rewards = "group"
+        if self.bf16 is None and (self.use_cpu or not _bf16_device()):  # TRL's bf16 default needs a GPU
+            self.bf16 = False
         super().__post_init__()
         if self.gap not in losses.GAP_MODES:
             raise ValueError(f"gap must be one of {losses.GAP_MODES}, got {self.gap!r}")

@@ -347,11 +347,7 @@ def format_table(results: dict) -> str:
 
 
 def save_results(results: dict, path: str | os.PathLike) -> None:
-    """Write `results` as indented JSON (parent folders are created)."""
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
+    """Write `results` as indented JSON (parent folders are created), atomically."""
+    from calibrl.storage import atomic_write_text
+
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")  # whole or not at all

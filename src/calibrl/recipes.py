@@ -73,7 +73,8 @@ class RunArgs:
     task_types: list[str] | None = field(default=None, metadata={"help": "Keep only these problem types (e.g. "
                                          "digits/sum) in the train and test splits of a task: dataset."})
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy_reward", "format_reward"],
-                                    metadata={"help": f"Reward functions from calibrl.rewards: {REWARD_FUNCS}. "
+                                    metadata={"help": f"Reward functions from calibrl.rewards: {REWARD_FUNCS}, or your own as "
+                                    "module:function (or path/to/file.py:function). "
                                     "With the default pair and no reward_weights, weights are [1.0, 0.1]."})
     eval_every: int = field(default=0, metadata={"help": "Held-out greedy evaluation every N steps (0: only at "
                             "the start and the end)."})
@@ -358,7 +359,12 @@ def resolve_model_path(spec: str, seed: int = 0) -> str:
         return spec
     if os.path.exists(spec) or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UsageError(f"model not found: {spec}")
-    return spec  # a hub id
+    from calibrl.hub import hub_model_path
+
+    try:  # a hub id: one short request, instead of transformers' half minute of retries when offline
+        return hub_model_path(spec)
+    except LookupError as e:
+        raise UsageError(str(e)) from None
 
 
 def _is_tiny_dir(path: str) -> bool:
@@ -540,15 +546,50 @@ def eval_sets(run: RunArgs, n: int | None = None, seed_offset: int = 1000) -> di
 # Rewards
 # ----------------------------------------------------------------------------------------------------------
 def reward_functions(names: list[str]) -> list:
-    """The reward callables named in `names` (from `calibrl.rewards`)."""
+    """The reward callables named in `names`: ours (from `calibrl.rewards`) by name, a user's as
+    `module:function` (an importable module, or a `path/to/file.py`)."""
     from calibrl import rewards
 
     if not names:
         raise UsageError("reward_funcs is empty: give at least one reward function")
     for name in names:
-        if name not in REWARD_FUNCS:
-            raise UsageError(f"unknown reward function {name!r}, expected one of {list(REWARD_FUNCS)}")
-    return [getattr(rewards, name) for name in names]
+        if name not in REWARD_FUNCS and ":" not in name:
+            raise UsageError(f"unknown reward function {name!r}, expected one of {list(REWARD_FUNCS)} or "
+                             "module:function")
+    return [getattr(rewards, name) if name in REWARD_FUNCS else import_function(name) for name in names]
+
+
+def import_function(spec: str) -> Callable:
+    """`module:function` or `path/to/file.py:function` -> the function; any failure is one UsageError line."""
+    import importlib
+    import importlib.util
+
+    source, _, attr = spec.rpartition(":")
+    if not source or not attr:
+        raise UsageError(f"reward function {spec!r}: expected module:function")
+    try:
+        if source.endswith(".py"):
+            if not os.path.isfile(source):
+                raise UsageError(f"reward function {spec!r}: file {source} not found")
+            name = "calibrl_user_" + re.sub(r"\W", "_", os.path.splitext(os.path.abspath(source))[0])
+            module_spec = importlib.util.spec_from_file_location(name, source)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            import sys
+
+            if os.getcwd() not in sys.path:  # a module next to the config, as `python -m` would find it
+                sys.path.append(os.getcwd())
+            module = importlib.import_module(source)
+    except UsageError:
+        raise
+    except Exception as e:  # the user's module failed to import: say which and why, in one line
+        raise UsageError(f"reward function {spec!r}: cannot import {source} ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
+    func = getattr(module, attr, None)
+    if not callable(func):
+        raise UsageError(f"reward function {spec!r}: {source} has no function {attr!r}")
+    return func
 
 
 def default_reward_weights(names: list[str], weights: list[float] | None) -> list[float] | None:
