@@ -208,13 +208,15 @@ def expected_checkpoint_bytes(model) -> tuple[int, int]:
     return weights, 2 * trainable
 
 
-def _kept(output_dir: str) -> str:
+def _kept(output_dir: str, say_none: bool = True) -> str:
     last = latest_checkpoint(output_dir, note=lambda _: None)
-    return (f"the last complete checkpoint is {last} (resume with --resume_from_checkpoint latest)" if last
-            else "no complete checkpoint had been written")
+    if last:
+        return f"; the last complete checkpoint is {last} (resume with --resume_from_checkpoint latest)"
+    return "; no complete checkpoint had been written" if say_none else ""
 
 
-def _storage_failure(e: BaseException, what: str, folder: str, output_dir: str) -> StorageError | None:
+def _storage_failure(e: BaseException, what: str, folder: str, output_dir: str,
+                     say_none: bool = True) -> StorageError | None:
     """A StorageError for exception `e` raised while writing `what` into `folder`, or None if `e` is not a
     storage fault. Call it before deleting the partial files (a full disk is diagnosed by a probe write)."""
     if isinstance(e, StorageError):
@@ -222,7 +224,7 @@ def _storage_failure(e: BaseException, what: str, folder: str, output_dir: str) 
     found = storage_cause(e, folder if os.path.isdir(folder) else None)
     if found is None:
         return None
-    return StorageError(f"could not write {what}: {found[1]}; {_kept(output_dir)}", found[0])
+    return StorageError(f"could not write {what}: {found[1]}{_kept(output_dir, say_none)}", found[0])
 
 
 def _sync(trainer) -> None:
@@ -304,7 +306,8 @@ def save_model(trainer, parent_save_model: Callable[[str], None], output_dir: st
     except BaseException as e:
         failure = None
         if writer and not isinstance(e, KeyboardInterrupt):
-            failure = _storage_failure(e, f"the model to {output_dir}", staging, trainer.args.output_dir)
+            failure = _storage_failure(e, f"the model to {output_dir}", staging, trainer.args.output_dir,
+                                       say_none=False)
         if writer:
             shutil.rmtree(staging, ignore_errors=True)
         if failure is None or failure is e:
@@ -410,7 +413,7 @@ def train(trainer, parent_train: Callable[..., Any], resume_from_checkpoint, arg
         if found is None:
             raise
         where = getattr(e, "filename", None) or output_dir
-        raise StorageError(f"could not write {where}: {found[1]}; {_kept(output_dir)}", found[0]) from e
+        raise StorageError(f"could not write {where}: {found[1]}{_kept(output_dir)}", found[0]) from e
 
 
 class _AllStepsDone(Exception):
@@ -440,7 +443,7 @@ def save_interrupt_checkpoint(trainer) -> None:
     output_dir = trainer.args.output_dir
     final = os.path.join(output_dir, f"checkpoint-{step}")
     if _inside_weight_update(trainer):
-        say(f"\ninterrupted inside the weight update of step {step + 1}: no checkpoint can be exact there; "
+        say(f"\ninterrupted inside the weight update of step {step + 1}: no checkpoint can be exact there"
             f"{_kept(output_dir)}")
         return
     if checkpoint_problem(final) is None:

@@ -25,7 +25,7 @@ from typing import Callable
 
 from calibrl.checkpoints import CheckpointError
 from calibrl.recipes import UsageError
-from calibrl.storage import StorageError, check_file_writable, check_writable
+from calibrl.storage import StorageError, check_file_writable, check_writable, storage_cause
 
 EXIT_USAGE = 2
 EXIT_STORAGE = 1
@@ -425,10 +425,11 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> None:
 def _config_command(name: str, argv: list[str]) -> int:
     """`calibrl train|sft [CONFIG.yaml] [--key value ...]`."""
     cmd = COMMANDS[name]
-    if "-h" in argv or "--help" in argv:
+    if "-h" in argv or "--help" in argv or "--help-all" in argv:
         from calibrl.recipes import config_help
 
-        print(config_help(cmd.config_fields(), f"calibrl {name}", _DESCRIPTIONS.get(name, cmd.help)))
+        print(config_help(cmd.config_fields(), f"calibrl {name}", _DESCRIPTIONS.get(name, cmd.help),
+                          full="--help-all" in argv))
         return 0
     config = argv[0] if argv and not argv[0].startswith("-") else None
     overrides = argv[1:] if config is not None else argv
@@ -462,6 +463,12 @@ def main(argv: list[str] | None = None) -> int:
     except (StorageError, CheckpointError) as e:  # a full or read-only disk; a checkpoint that is not whole
         print(f"calibrl: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_STORAGE if isinstance(e, StorageError) else EXIT_USAGE
+    except OSError as e:  # any other write that met a full or read-only disk (plots, run files)
+        found = storage_cause(e)
+        if found is None:
+            raise
+        print(f"calibrl: error: could not write {e.filename or 'an output file'}: {found[1]}", file=sys.stderr)
+        return EXIT_STORAGE
     except KeyboardInterrupt:
         print("calibrl: interrupted", file=sys.stderr)
         return 130
