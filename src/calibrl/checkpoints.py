@@ -263,6 +263,7 @@ def save_checkpoint(trainer, parent_save: Callable[[], None], trial=None) -> Non
         if writer:
             _fix_best_checkpoint(trainer, staging, run_dir, staged)
             _write_state_file(staged, run_counters(trainer))
+            _fsync_logs(run_dir)  # the log lines up to this step reach the disk before the checkpoint does
             publish_dir(staged, final)
             with contextlib.suppress(OSError):
                 os.rmdir(staging)
@@ -279,6 +280,17 @@ def save_checkpoint(trainer, parent_save: Callable[[], None], trial=None) -> Non
         if failure is None or failure is e:
             raise
         raise failure from e
+
+
+def _fsync_logs(run_dir: str) -> None:
+    for name in os.listdir(run_dir):
+        if name.endswith(".jsonl"):
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(run_dir, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
 
 def _fix_best_checkpoint(trainer, staging: str, run_dir: str, staged: str) -> None:

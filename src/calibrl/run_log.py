@@ -241,7 +241,7 @@ class MetricsLogger(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start = time.time()
-        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
         saved = saved.get("attributes", {}) if state.global_step > 0 and isinstance(saved, dict) else {}
         self.train_seconds_before = float(saved.get("train_seconds_before", 0.0))
         if state.is_world_process_zero:
