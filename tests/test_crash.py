@@ -270,6 +270,10 @@ def test_disk_full_in_a_checkpoint_is_one_line_and_the_last_one_resumes_exactly(
     log = tmp_path / "resume.log"
     finish(start(train_argv(root, moved, "--resume_from_checkpoint", "latest"), log), log)
     assert_same_run(moved, ref, "resumed after a full disk")
+    # the training time is the whole run's: the time up to checkpoint-2, saved in it, plus the resumed part
+    saved = json.loads((moved / "checkpoint-2" / "trainer_state.json").read_text())["stateful_callbacks"]
+    before = saved["MetricsLogger"]["attributes"]["train_seconds_before"]
+    assert 0 < before < json.loads((moved / "run.json").read_text())["wall_time_s"]
 
 
 def _no_permission_for_the_model():  # (in the child) a model folder that cannot be written

@@ -70,8 +70,11 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     if os.path.isfile(state):
         try:
             with open(state, encoding="utf-8") as f:
-                files = json.load(f)["files"]
-        except (OSError, ValueError, KeyError, TypeError):
+                data = json.load(f)
+            if data.get("complete") is False:
+                return "its save did not finish"
+            files = data["files"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return f"{STATE_FILE} is unreadable"
         for rel, size in files.items():
             p = os.path.join(path, rel)
@@ -249,12 +252,15 @@ def save_checkpoint(trainer, parent_save: Callable[[], None], trial=None) -> Non
     staging = os.path.join(run_dir, STAGING_PREFIX + name)
     staged = os.path.join(staging, name)
     writer = trainer.args.should_save
-    if writer:
-        shutil.rmtree(staging, ignore_errors=True)
     # transformers updates stateful callbacks by name and fails on one the resumed state does not know
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, ExportableState):
             trainer.state.stateful_callbacks.setdefault(type(cb).__name__, cb.state())
+    if trainer.args.push_to_hub:
+        return _save_in_place(trainer, parent_save, final)
+    if writer:
+        shutil.rmtree(staging, ignore_errors=True)
+    _sync(trainer)  # no process writes into the staging folder before it is fresh
     trainer._calibrl_staging = staging
     try:
         parent_save()
@@ -280,6 +286,22 @@ def save_checkpoint(trainer, parent_save: Callable[[], None], trial=None) -> Non
         if failure is None or failure is e:
             raise
         raise failure from e
+
+
+def _save_in_place(trainer, parent_save: Callable[[], None], final: str) -> None:
+    """With push_to_hub, TRL uploads from the checkpoint's own folder in the background, so the checkpoint is
+    written in place: a manifest saying "not finished" comes first and the real one last, so that a kill in
+    between still leaves a checkpoint `latest` skips."""
+    writer = trainer.args.should_save
+    if writer:
+        os.makedirs(final, exist_ok=True)
+        with open(os.path.join(final, STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump({"format": 1, "complete": False}, f)
+    _sync(trainer)
+    parent_save()
+    _sync(trainer)
+    if writer:
+        _write_state_file(final, run_counters(trainer))
 
 
 def _fsync_logs(run_dir: str) -> None:
