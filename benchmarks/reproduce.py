@@ -251,7 +251,7 @@ def rel_to_root(path) -> str:
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
     """Write atomically: a half-written file never looks like a finished run."""
-    from calibrl.files import atomic_write_json
+    from calibrl.storage import atomic_write_json
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, data, indent=1)

@@ -48,6 +48,23 @@ def test_transformers_trainer_hooks():
     assert "self._load_from_checkpoint(resume_from_checkpoint" in inspect.getsource(Trainer.train)
 
 
+def test_checkpoint_hooks():
+    """calibrl.checkpoints: TRL writes a checkpoint under `_get_output_dir(trial)` and rotates there; a resume
+    at the last step ends through `_finalize_training`; callbacks stop nothing before `on_step_begin` runs."""
+    from transformers import Trainer
+    from transformers.trainer_utils import rotate_checkpoints
+
+    assert list(inspect.signature(Trainer._save_checkpoint).parameters) == ["self", "model", "trial"]
+    assert list(inspect.signature(Trainer._get_output_dir).parameters) == ["self", "trial"]
+    assert "run_dir = self._get_output_dir(trial=trial)" in inspect.getsource(Trainer._save_checkpoint)
+    assert "self._get_output_dir(trial=trial)" in inspect.getsource(GRPOTrainer._save_checkpoint)
+    assert list(inspect.signature(Trainer.save_model).parameters) == ["self", "output_dir", "_internal_call"]
+    assert list(inspect.signature(Trainer._finalize_training).parameters) == [
+        "self", "trial", "num_train_samples", "start_time"]
+    assert list(inspect.signature(rotate_checkpoints).parameters)[:4] == [
+        "output_dir", "save_total_limit", "best_model_checkpoint", "use_mtime"]
+
+
 def test_helper_imports_exist():
     from trl.data_utils import is_conversational, prepare_multimodal_messages  # noqa: F401
     from trl.models.utils import disable_gradient_checkpointing  # noqa: F401

@@ -26,6 +26,7 @@ import warnings
 from calibrl.errors import UsageError
 
 EXIT_USAGE = 2
+EXIT_STORAGE = 1  # a full or read-only disk: not the user's input
 
 # name -> (module under calibrl.commands, one-line help, takes a config file)
 COMMANDS: dict[str, tuple[str, str, bool]] = {
@@ -71,11 +72,11 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> None:
 
 def _config_command(name: str, argv: list[str]) -> int:
     """`calibrl train|sft [CONFIG.yaml] [--key value ...]`."""
-    if "-h" in argv or "--help" in argv:
+    if "-h" in argv or "--help" in argv or "--help-all" in argv:
         from calibrl.config import config_help
 
         module = command_module(name)
-        print(config_help(list(module.CONFIG_TYPES), f"calibrl {name}", module.DESCRIPTION))
+        print(config_help(list(module.CONFIG_TYPES), f"calibrl {name}", module.DESCRIPTION, full="--help-all" in argv))
         return 0
     config = argv[0] if argv and not argv[0].startswith("-") else None
     overrides = argv[1:] if config is not None else argv
@@ -113,6 +114,24 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE if ns.command is None else 0
     except UsageError as e:
         print(f"calibrl: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # a full or read-only disk (StorageError, or any other write that met one)
+        from calibrl.storage import StorageError, storage_cause
+
+        if isinstance(e, StorageError):
+            print(f"calibrl: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return EXIT_STORAGE
+        found = storage_cause(e)
+        if found is None:
+            raise
+        print(f"calibrl: error: could not write {e.filename or 'an output file'}: {found[1]}", file=sys.stderr)
+        return EXIT_STORAGE
+    except ValueError as e:  # a checkpoint that is not whole
+        from calibrl.checkpoints import CheckpointError
+
+        if not isinstance(e, CheckpointError):
+            raise
+        print(f"calibrl: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("calibrl: interrupted", file=sys.stderr)

@@ -36,6 +36,13 @@ SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 PASS_SIGNS = ("accuracy", "reward_threshold")
 
 
+def _bf16_device() -> bool:
+    """Whether an accelerator that trains in bf16 is present (TRL defaults bf16=True, which fails on a CPU)."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return is_torch_bf16_gpu_available() or is_torch_xla_available()
+
+
 @dataclass
 class CalibRLConfig(GRPOConfig):
     """`GRPOConfig` plus the CalibRL fields. Every GRPOConfig field works as in TRL.
@@ -79,6 +86,8 @@ class CalibRLConfig(GRPOConfig):
     def __post_init__(self):
         method = get_method(self.method)  # the registry as it is now, so a method registered later is valid
         method.configure(self)  # e.g. dapo's clip-higher, before TRL's own checks see the values
+        if self.bf16 is None and (self.use_cpu or not _bf16_device()):  # TRL's bf16 default needs a GPU
+            self.bf16 = False
         super().__post_init__()
         if self.gap not in losses.GAP_MODES:
             raise ValueError(f"gap must be one of {losses.GAP_MODES}, got {self.gap!r}")
@@ -154,7 +163,8 @@ class RunArgs(DataSource):
                        "'tiny:<family>:<size>' (built offline, families qwen2_5_vl/llava/qwen2, sizes nano/small/"
                        "base/large), or a hub id (needs a network)."})
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy_reward", "format_reward"],
-                                    metadata={"help": f"Reward functions from calibrl.rewards: {tuple(REWARD_FUNCS)}. "
+                                    metadata={"help": f"Reward functions from calibrl.rewards: {tuple(REWARD_FUNCS)}, or your own "
+                                    "as module:function (or path/to/file.py:function). "
                                     "With the default pair and no reward_weights, weights are [1.0, 0.1]."})
     eval_every: int = field(default=0, metadata={"help": "Held-out greedy evaluation every N steps (0: only at "
                             "the start and the end)."})
@@ -420,13 +430,51 @@ def _names(types: list[type]) -> str:
     return " / ".join(t.__name__ for t in types)
 
 
-def config_help(dataclass_types: list[type], prog: str, description: str) -> str:
-    """The `--help` text of a config command: every field with its type, default and help."""
+# TRL / transformers options most runs set, shown by the short --help beside ours
+COMMON_TRL_OPTIONS = (
+    "output_dir", "max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "num_generations", "max_completion_length", "temperature", "beta",
+    "loss_type", "epsilon", "delta", "logging_steps", "save_strategy", "save_steps", "save_total_limit",
+    "resume_from_checkpoint", "seed", "bf16", "use_vllm", "report_to",
+)
+
+
+def config_help(dataclass_types: list[type], prog: str, description: str, full: bool = False) -> str:
+    """The `--help` text of a config command: ours first (the run fields, CalibRL's own), then TRL's
+    options, then transformers' `TrainingArguments`, each group titled. The short form (`full=False`) keeps
+    only the TRL / transformers options in `COMMON_TRL_OPTIONS` and says how to see the others."""
     parser = _make_parser(dataclass_types)
-    parser.prog = prog
-    parser.usage = f"{prog} CONFIG.yaml [--key value ...]"
-    parser.description = description
-    return parser.format_help()
+    display = argparse.ArgumentParser(prog=prog, usage=f"{prog} CONFIG.yaml [--key value ...]",
+                                      description=description, add_help=False, formatter_class=parser.formatter_class)
+    owners = {}  # field name -> the most derived class declaring it
+    for dtype in dataclass_types:
+        for cls in reversed(dtype.__mro__):
+            for name in vars(cls).get("__annotations__", {}):
+                owners[name] = cls
+    titles = {f"{t.__name__} options (calibrl)": display.add_argument_group(f"{t.__name__} options (calibrl)")
+              for t in dataclass_types}  # ours first, in the order given, then TRL's, then transformers'
+    for title in ("TRL GRPOConfig options", "transformers TrainingArguments options"):
+        titles[title] = display.add_argument_group(title)
+    hidden = 0
+    for action in parser._actions:
+        if not action.option_strings:
+            continue
+        module = owners.get(action.dest, object).__module__
+        ours = module.startswith("calibrl")
+        if not (ours or full or action.dest in COMMON_TRL_OPTIONS):
+            hidden += 1
+            continue
+        title = (f"{owners[action.dest].__name__} options (calibrl)" if ours else
+                 "TRL GRPOConfig options" if module.startswith("trl") else "transformers TrainingArguments options")
+        if not full and not ours:
+            title = "common TRL / transformers options"
+        if title not in titles:
+            titles[title] = display.add_argument_group(title)
+        titles[title]._group_actions.append(action)  # shown only: parsing is the other parser's job
+    if hidden:
+        display.epilog = (f"{hidden} more options of TRL's GRPOConfig and transformers' TrainingArguments work "
+                          f"as in TRL: {prog} --help-all lists them all")
+    return display.format_help()
 
 
 def cpu_defaults() -> dict:

@@ -149,15 +149,25 @@ def load_rows(source: Any) -> list[dict]:
     if not path.exists():
         raise DataError(f"data source not found: {path}")
     if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, OSError, ValueError) as e:
+            raise DataError(f"{path} is not a readable saved dataset ({_short(e)})") from None
         if isinstance(loaded, datasets.DatasetDict):
             raise DataError(f"{path} holds a DatasetDict with splits {list(loaded)}; pass one split's directory")
         return load_rows(loaded)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
+        if path.stat().st_size == 0:  # (an empty jsonl is read as "no rows", which says the same)
+            raise DataError(f"{path.name} is empty (0 bytes)")
+        import pyarrow
         import pyarrow.parquet as pq
 
-        return _arrow_to_rows(pq.read_table(path))
+        try:
+            table = pq.read_table(path)
+        except (pyarrow.ArrowException, OSError) as e:
+            raise DataError(f"{path.name} is not a readable parquet file ({_short(e)})") from None
+        return _arrow_to_rows(table)
     if suffix in (".jsonl", ".json"):
         return _read_json_rows(path)
     raise DataError(f"unsupported data file {path.name!r}: expected .parquet, .jsonl, .json or a saved directory")

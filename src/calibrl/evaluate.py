@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from calibrl.files import atomic_write_text
 from calibrl.multimodal import is_processor, prompt_text, row_images, tokenizer_of
 from calibrl.rewards import extract_answer, is_correct, is_strict_format
+from calibrl.storage import atomic_write_text
 
 __all__ = [
     "evaluate",
@@ -291,9 +291,5 @@ def format_table(results: dict) -> str:
 
 
 def save_results(results: dict, path: str | os.PathLike) -> None:
-    """Write `results` as indented JSON (parent folders are created)."""
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    """Write `results` as indented JSON (parent folders are created), atomically."""
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")  # whole or not at all

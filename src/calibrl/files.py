@@ -1,4 +1,4 @@
-"""Files on disk: the cache root, settings hashes, atomic writes, run-folder preparation, library versions.
+"""Files on disk: the cache root, settings hashes, run-folder preparation, library versions (atomic writes: storage).
 
 Everything here is standard library only, so any module may use it without import cost.
 """
@@ -25,42 +25,6 @@ def settings_hash(settings: dict) -> str:
     """A short stable hash of JSON-able settings (the cache key of a built artefact)."""
     text = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and one rename, so a reader (or a
-    crash) sees either the old file or the new one, never half of it."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_json(path: str | os.PathLike, data, indent: int | None = 2) -> None:
-    """`data` as JSON (NaN refused), written atomically, with a final newline."""
-    atomic_write_text(path, json.dumps(data, indent=indent, allow_nan=False) + "\n")
-
-
-def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, replace: bool = False) -> None:
-    """Move a folder built completely at `tmp` to `final` in one rename, so `final` is never half written.
-
-    `replace=True` first removes an existing `final`; otherwise, if another process published `final` first
-    (a cache entry built twice at once), theirs is kept and ours dropped.
-    """
-    final = Path(final)
-    if replace and final.exists():
-        shutil.rmtree(final)
-    try:
-        Path(tmp).rename(final)
-    except OSError:  # another process finished the same build first
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:

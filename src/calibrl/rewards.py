@@ -418,15 +418,52 @@ REWARD_FUNCS = {f.__name__: f for f in (accuracy_reward, format_reward, calibrl_
 
 
 def reward_functions(names: list[str]) -> list:
-    """The reward callables named in `names`; an empty list or an unknown name is a `UsageError`."""
+    """The reward callables named in `names`: ours by name, a user's as `module:function` (an importable module,
+    or a `path/to/file.py`); an empty list or an unknown name is a `UsageError`."""
     from calibrl.errors import UsageError
 
     if not names:
         raise UsageError("reward_funcs is empty: give at least one reward function")
     for name in names:
-        if name not in REWARD_FUNCS:
-            raise UsageError(f"unknown reward function {name!r}, expected one of {list(REWARD_FUNCS)}")
-    return [REWARD_FUNCS[name] for name in names]
+        if name not in REWARD_FUNCS and ":" not in name:
+            raise UsageError(f"unknown reward function {name!r}, expected one of {list(REWARD_FUNCS)} or "
+                             "module:function")
+    return [REWARD_FUNCS[name] if name in REWARD_FUNCS else import_function(name) for name in names]
+
+
+def import_function(spec: str):
+    """`module:function` or `path/to/file.py:function` -> the function; any failure is one UsageError line."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    from calibrl.errors import UsageError
+
+    source, _, attr = spec.rpartition(":")
+    if not source or not attr:
+        raise UsageError(f"reward function {spec!r}: expected module:function")
+    try:
+        if source.endswith(".py"):
+            if not os.path.isfile(source):
+                raise UsageError(f"reward function {spec!r}: file {source} not found")
+            name = "calibrl_user_" + re.sub(r"\W", "_", os.path.splitext(os.path.abspath(source))[0])
+            module_spec = importlib.util.spec_from_file_location(name, source)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:  # a module next to the config, as `python -m` would find it
+                sys.path.append(os.getcwd())
+            module = importlib.import_module(source)
+    except UsageError:
+        raise
+    except Exception as e:  # the user's module failed to import: say which and why, in one line
+        raise UsageError(f"reward function {spec!r}: cannot import {source} ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
+    func = getattr(module, attr, None)
+    if not callable(func):
+        raise UsageError(f"reward function {spec!r}: {source} has no function {attr!r}")
+    return func
 
 
 def default_reward_weights(names: list[str], weights: list[float] | None) -> list[float] | None:

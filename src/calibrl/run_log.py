@@ -9,6 +9,12 @@ Files, all UTF-8 JSON:
                    first write adds `start_time` (ISO 8601) and `versions` (`calibrl.files.versions`); `MetricsLogger` adds `wall_time_s`, `global_step` and `final_metrics` at the end,
                    `HeldoutEvalCallback` adds `final_eval` ({split: {...}}).
 
+Resuming keeps every step once: when training starts at step N (a resume), both callbacks move the lines
+past step N (and an end-of-training summary at N) into `<file>.cut-at-N` beside the log, with a one-line note,
+so the log continues exactly where the checkpoint was taken; `read_run` repairs (with a warning) a log
+written before this, where a resume repeated steps. `MetricsLogger` saves its time in the checkpoint, so
+`wall_time_s` is the training time of the whole run across resumes.
+
 Both callbacks write on the main process only (`state.is_world_process_zero`) and never call collective
 operations, so a multi-process run cannot deadlock on them: the other processes simply wait at their next
 collective while process 0 evaluates.
@@ -22,13 +28,16 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
-from calibrl.files import atomic_write_json, versions
+from calibrl.files import versions
+from calibrl.storage import atomic_write_json, atomic_write_text
 
-__all__ = ["HeldoutEvalCallback", "MetricsLogger", "read_run", "write_run_info"]
+__all__ = ["HeldoutEvalCallback", "MetricsLogger", "read_run", "rewind_log", "write_run_info"]
 
 METRICS_FILE, EVAL_FILE, INFO_FILE = "metrics.jsonl", "eval.jsonl", "run.json"
 
@@ -87,6 +96,37 @@ def write_run_info(run_dir: str | os.PathLike, **info: Any) -> None:
     atomic_write_json(path, current)
 
 
+def rewind_log(path: str, step: int, note=print) -> str | None:
+    """Move the lines of the jsonl log `path` past `step` (and an end-of-training summary at `step`: the
+    session that resumes writes its own) to `<path>.cut-at-<step>`; returns that file, or None if nothing
+    was past `step`. Called when training (re)starts at `step`, so every step is logged once."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    keep, cut = [], []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # left in place for read_run to name
+            keep.append(line)
+            continue
+        s = record.get("step") if isinstance(record, dict) else None
+        later = isinstance(s, int) and (s > step or (s == step and "train_runtime" in record))
+        (cut if later else keep).append(line if line.endswith("\n") else line + "\n")
+    if not cut:
+        return None
+    aside, n = f"{path}.cut-at-{step}", 1
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{path}.cut-at-{step}.{n}"
+    atomic_write_text(aside, "".join(cut))  # first, so a kill in between loses nothing
+    atomic_write_text(path, "".join(keep))
+    note(f"calibrl: training starts at step {step}: {len(cut)} line{'s' if len(cut) != 1 else ''} of "
+         f"{os.path.basename(path)} past it moved to {os.path.basename(aside)}")
+    return aside
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------------------
@@ -116,7 +156,29 @@ def _read_jsonl(path: str) -> list[dict]:
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object with an integer 'step'")
             records.append(record)
-    return records
+    return _repair_resumed(records, path)
+
+
+def _repair_resumed(records: list[dict], path: str) -> list[dict]:
+    """A log where a resume repeated steps (written before logs were rewound): keep the later lines of
+    every repeated step, loudly. A step lower than the one before starts a resumed part; in eval.jsonl a
+    (step, split) pair seen again replaces the earlier one."""
+    out: list[dict] = []
+    dropped = 0
+    for record in records:
+        if out and record["step"] < out[-1]["step"]:
+            kept = [r for r in out if r["step"] < record["step"]]
+            dropped += len(out) - len(kept)
+            out = kept
+        elif "split" in record:
+            kept = [r for r in out if (r["step"], r.get("split")) != (record["step"], record["split"])]
+            dropped += len(out) - len(kept)
+            out = kept
+        out.append(record)
+    if dropped:
+        warnings.warn(f"{path}: {dropped} line{'s' if dropped != 1 else ''} of steps that a resume logged again "
+                      "left out (the later lines of each step are kept)", stacklevel=3)
+    return out
 
 
 def read_run(run_dir: str | os.PathLike) -> dict:
@@ -140,19 +202,36 @@ def read_run(run_dir: str | os.PathLike) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # Callbacks
 # ----------------------------------------------------------------------------------------------------------
-class MetricsLogger(TrainerCallback):
-    """Appends every TRL log event to `run_dir/metrics.jsonl`; records wall time and last metrics in run.json."""
+class MetricsLogger(TrainerCallback, ExportableState):
+    """Appends every TRL log event to `run_dir/metrics.jsonl`; records wall time and last metrics in run.json.
 
-    def __init__(self, run_dir: str | os.PathLike):
+    Its training time so far is part of every checkpoint (TRL's `ExportableState`), so after a resume
+    `wall_time_s` covers the whole run."""
+
+    def __init__(self, run_dir: str | os.PathLike, train_seconds_before: float = 0.0):
         self.run_dir = os.fspath(run_dir)
         self.path = os.path.join(self.run_dir, METRICS_FILE)
+        self.train_seconds_before = float(train_seconds_before)  # of the sessions before this one
         self._start: float | None = None
         self._last: dict[str, Any] = {}
 
+    def train_seconds(self) -> float:
+        return self.train_seconds_before + (0.0 if self._start is None else time.time() - self._start)
+
+    def state(self) -> dict:
+        return {"args": {"run_dir": self.run_dir}, "attributes": {"train_seconds_before": self.train_seconds()}}
+
     def on_train_begin(self, args, state, control, **kwargs):
         self._start = time.time()
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        saved = saved.get("attributes", {}) if state.global_step > 0 and isinstance(saved, dict) else {}
+        self.train_seconds_before = float(saved.get("train_seconds_before", 0.0))
         if state.is_world_process_zero:
             os.makedirs(self.run_dir, exist_ok=True)
+            rewind_log(self.path, int(state.global_step))
+            self._last = {}
+            for record in _read_jsonl(self.path):
+                self._last.update({k: v for k, v in record.items() if k != "step" and v is not None})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -165,7 +244,7 @@ class MetricsLogger(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        wall = None if self._start is None else round(time.time() - self._start, 3)
+        wall = None if self._start is None else round(self.train_seconds(), 3)
         write_run_info(self.run_dir, wall_time_s=wall, global_step=int(state.global_step), final_metrics=self._last)
 
 
@@ -248,7 +327,17 @@ class HeldoutEvalCallback(TrainerCallback):
         self.evaluate_now(model, state.global_step)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._maybe_evaluate(state, model)
+        """Evaluate at the first step unless a resume finds that done: a resumed run evaluates exactly at the
+        steps an uninterrupted one does (the start, every `every_n_steps`, the end), each once."""
+        step = int(state.global_step)
+        if state.is_world_process_zero:
+            os.makedirs(self.run_dir, exist_ok=True)
+            rewind_log(self.path, step)
+            done = {r["split"]: r for r in _read_jsonl(self.path) if r["step"] == step and "split" in r}
+            if set(self.eval_sets) <= set(done):
+                self.last_step, self.last_results = step, {name: done[name] for name in self.eval_sets}
+        if step == 0 or (self.every_n_steps and step % self.every_n_steps == 0):
+            self._maybe_evaluate(state, model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every_n_steps and state.global_step % self.every_n_steps == 0:

@@ -30,9 +30,10 @@ import torch
 from calibrl.config import SFTArgs
 from calibrl.data import load_data_file
 from calibrl.errors import UsageError
-from calibrl.files import atomic_write_text, is_main_process, prepare_output_dir, versions
+from calibrl.files import is_main_process, prepare_output_dir, versions
 from calibrl.models import load_model, save_tiny_model
 from calibrl.multimodal import is_processor, prompt_text, row_images, tokenizer_of
+from calibrl.storage import atomic_write_text
 from calibrl.tasks import task_name
 
 

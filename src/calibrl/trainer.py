@@ -31,7 +31,7 @@ from trl.data_utils import is_conversational, prepare_multimodal_messages
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import pad
 
-from calibrl import losses
+from calibrl import checkpoints, losses
 from calibrl.config import CalibRLConfig  # noqa: F401 (re-exported: calibrl.trainer.CalibRLConfig)
 from calibrl.data import IMAGE_PLACEHOLDERS  # never in expert ids: they break Qwen's rope index
 from calibrl.methods import Guidance, LossBatch, get_method
@@ -51,6 +51,11 @@ class CalibRLTrainer(GRPOTrainer):
     def __init__(self, model, reward_funcs=None, args=None, *rest, **kwargs):
         if not isinstance(args, CalibRLConfig):
             raise TypeError(f"CalibRLTrainer needs args=CalibRLConfig(...), got {type(args).__name__}")
+        if isinstance(model, str) and model.startswith("tiny:"):  # a tiny model spec, as the CLI takes it
+            from calibrl.models import load_model
+
+            model, tiny_processor = load_model(model, seed=args.seed)
+            kwargs.setdefault("processing_class", tiny_processor)
         if args.use_vllm and importlib.util.find_spec("vllm") is None:
             raise ImportError("use_vllm=True but vLLM is not installed: install it on a CUDA machine "
                               "(pip install 'calibrl[vllm]') or set use_vllm=False")
@@ -129,19 +134,29 @@ class CalibRLTrainer(GRPOTrainer):
             opt._calibrl_guarded = True
         return opt
 
-    def train(self, *args, **kwargs):
-        """TRL's train loop; on Ctrl-C, write a checkpoint of the last finished step before stopping, so the
-        run can go on with `resume_from_checkpoint` (the interrupted step is redone)."""
-        try:
-            return super().train(*args, **kwargs)
-        except KeyboardInterrupt:
-            if self.state.global_step > 0:
-                self._save_checkpoint(self.model, trial=None)
-                if self.is_world_process_zero():
-                    print(f"\ninterrupted: checkpoint of step {self.state.global_step} written to "
-                          f"{self.args.output_dir}/checkpoint-{self.state.global_step}; resume with "
-                          "resume_from_checkpoint", flush=True)
-            raise
+    # ------------------------------------------------------------------------------------------------------
+    # Checkpoints: written whole or not at all, resumed from the newest complete one (calibrl.checkpoints)
+    # ------------------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """TRL's train loop, crash-consistent: `resume_from_checkpoint="latest"` (or True) resumes from the
+        newest complete checkpoint of output_dir, with the run counters it saved; the output folder is checked
+        writable, with room for a checkpoint, before any work; on Ctrl-C a checkpoint of the last finished
+        step is written (the interrupted step is redone); a full or read-only disk is one `StorageError` line."""
+        return checkpoints.train(self, super().train, resume_from_checkpoint, args, kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        checkpoints.save_checkpoint(self, lambda: super(CalibRLTrainer, self)._save_checkpoint(model, trial), trial)
+
+    def _get_output_dir(self, trial):
+        staging = getattr(self, "_calibrl_staging", None)  # set only while a checkpoint is being written
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """TRL's save_model; a model saved to its own folder is written whole or not at all."""
+        if _internal_call or output_dir is None or os.path.abspath(output_dir) == os.path.abspath(self.args.output_dir):
+            return super().save_model(output_dir, _internal_call)
+        checkpoints.save_model(self, lambda folder: super(CalibRLTrainer, self).save_model(folder, _internal_call),
+                               output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume the weights through `from_pretrained`, strictly.

@@ -30,7 +30,8 @@ from pathlib import Path
 
 from calibrl.config import DemoArgs, SFTArgs, load_train_config, parse_config
 from calibrl.errors import UsageError
-from calibrl.files import cache_dir, check_output_dir, publish_dir, settings_hash
+from calibrl.files import cache_dir, check_output_dir, settings_hash
+from calibrl.storage import check_writable, publish_dir
 
 CONFIG_FILE = "demo_config.yaml"  # marks a folder as a demo run (so a new demo may replace it)
 
@@ -137,7 +138,7 @@ def warm_start(sft_args: SFTArgs, use_cache: bool = True, quiet: bool = False) -
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     summary = run_sft(sft_args, out_dir=str(tmp), quiet=quiet)
-    publish_dir(tmp, out, replace=True)
+    publish_dir(tmp, out)
     summary["output_dir"] = str(out)
     return str(out), summary, False
 
@@ -257,6 +258,7 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), overwrite: bool = Fals
     t0 = time.time()
     if config_path is not None and not os.path.isfile(config_path):
         raise UsageError(f"config file not found: {config_path}")
+    check_writable(out_dir, "--out")
     out, replaced = prepare_demo_dir(out_dir, overwrite)
     if replaced:
         print(f"   (replacing the previous demo run in {out})", flush=True)

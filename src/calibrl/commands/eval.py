@@ -74,7 +74,8 @@ def evaluate_model(model_spec: str, rows: list[dict], max_new_tokens: int = 64, 
 
 def run(ns: argparse.Namespace) -> int:
     from calibrl.evaluate import format_table, save_results
-    from calibrl.models import TINY_PREFIX, parse_tiny_spec
+    from calibrl.models import TINY_PREFIX, parse_tiny_spec, resolve_model_path
+    from calibrl.storage import check_file_writable
 
     if ns.bench is not None:
         from calibrl.bench.command import run_bench
@@ -89,10 +90,14 @@ def run(ns: argparse.Namespace) -> int:
     ns.max_new_tokens = ns.max_new_tokens or 64
     if ns.n < 0:
         raise UsageError(f"--n must be >= 0, got {ns.n}")
+    if ns.out:
+        check_file_writable(ns.out, "--out")  # before any evaluation
     if ns.model.startswith(TINY_PREFIX):
         parse_tiny_spec(ns.model)  # fail before generating any data
     elif not os.path.isdir(ns.model) and os.path.exists(ns.model):
         raise UsageError(f"model {ns.model} is not a folder")
+    else:
+        resolve_model_path(ns.model)  # a typo or an unreachable hub: one line, before any work
     rows = eval_rows(ns.data, ns.split, ns.n, ns.task_seed, ns.difficulty, ns.task_types)
     results = evaluate_model(ns.model, rows, ns.max_new_tokens, ns.batch_size, ns.k, ns.num_samples)
     results["data"] = ns.data

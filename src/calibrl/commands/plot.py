@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def plot(run_dirs: list[str], out: str | None = None, labels: list[str] | None = None, smooth: int = 1) -> list[str]:
     """Draw the curves of `run_dirs` into `out`; returns the PNG paths. Bad arguments are a `UsageError`."""
     from calibrl.plots import plot_runs
+    from calibrl.storage import check_writable
 
     for d in run_dirs:
         if not os.path.isdir(d):
@@ -28,6 +29,7 @@ def plot(run_dirs: list[str], out: str | None = None, labels: list[str] | None =
     if smooth < 1:
         raise UsageError(f"--smooth must be >= 1, got {smooth}")
     out = out or (os.path.join(run_dirs[0], "plots") if len(run_dirs) == 1 else "plots")
+    check_writable(out, "--out")
     try:
         pngs = plot_runs(list(run_dirs), out, labels=labels, smooth=smooth)
     except (FileNotFoundError, ValueError) as e:

@@ -43,9 +43,9 @@ def probe_rows(data: str, n: int, expert_style: str = "mismatched", task_seed: i
 
 
 def run(ns: argparse.Namespace) -> int:
-    from calibrl.files import atomic_write_json
     from calibrl.models import load_model
     from calibrl.probe import format_report, probe
+    from calibrl.storage import atomic_write_json
 
     for flag in ("n", "num_generations", "max_new_tokens", "batch_size"):
         if getattr(ns, flag) < 1:

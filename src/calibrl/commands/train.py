@@ -16,6 +16,7 @@ from calibrl.data import load_data_file
 from calibrl.errors import UsageError
 from calibrl.files import check_output_dir, is_main_process, prepare_output_dir
 from calibrl.rewards import reward_functions
+from calibrl.storage import check_writable
 from calibrl.tasks import task_name, to_hf_dataset
 
 CONFIG_TYPES = (CalibRLConfig, RunArgs)
@@ -163,11 +164,16 @@ def train(config: CalibRLConfig, run: RunArgs, command: list[str] | None = None)
     Returns the run folder. Works under accelerate / torchrun: every process calls it."""
     from accelerate import PartialState
 
+    from calibrl.checkpoints import save_final_model
+    from calibrl.models import TINY_PREFIX, resolve_model_path
     from calibrl.run_log import write_run_info
 
     state = PartialState()
     main = state.is_main_process
     run_dir = config.output_dir
+    check_writable(run_dir)  # before any model or data is loaded
+    if not run.model.startswith(TINY_PREFIX):
+        resolve_model_path(run.model)  # a typo or an unreachable hub: one line, at once
     if config.resume_from_checkpoint is None:
         check_output_dir(run_dir, run.overwrite)  # every process, before any of them writes
         state.wait_for_everyone()
@@ -178,7 +184,7 @@ def train(config: CalibRLConfig, run: RunArgs, command: list[str] | None = None)
         write_run_info(run_dir, name=config.run_name, method=config.method, config=config.to_dict(),
                        run=asdict(run), command=command or ["calibrl", "train"])
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(os.path.join(run_dir, "model"))
+    save_final_model(trainer, os.path.join(run_dir, "model"))  # never loses the weights to a full disk
     if main:
         counts = dict(trainer.run_counts, skipped_steps=trainer.all_skipped_steps)
         write_run_info(run_dir, data=description, counts=counts)

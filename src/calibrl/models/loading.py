@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from calibrl.errors import UsageError
-from calibrl.files import cache_dir, publish_dir
+from calibrl.files import cache_dir
 from calibrl.models.tiny import FAMILIES, SIZES, build_tiny_model, load_processor, load_tiny_model, save_tiny_model
 
 TINY_PREFIX = "tiny:"
@@ -30,7 +31,10 @@ def tiny_model_dir(spec: str, seed: int = 0) -> str:
         model, processing_class = build_tiny_model(family, size, seed=seed)
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         save_tiny_model(model, processing_class, str(tmp))
-        publish_dir(tmp, out)
+        try:
+            tmp.rename(out)  # whole or not at all
+        except OSError:  # another process finished the same build first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
 
 
@@ -44,7 +48,12 @@ def resolve_model_path(spec: str, seed: int = 0) -> str:
         return spec
     if os.path.exists(spec) or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UsageError(f"model not found: {spec}")
-    return spec  # a hub id
+    from calibrl.hub import hub_model_path
+
+    try:  # a hub id: one short request, instead of transformers' half minute of retries when offline
+        return hub_model_path(spec)
+    except LookupError as e:
+        raise UsageError(str(e)) from None
 
 
 def _is_tiny_dir(path: str) -> bool:
