@@ -464,7 +464,8 @@ def config_help(dataclass_types: list[type], prog: str, description: str, full: 
         if not (ours or full or action.dest in COMMON_TRL_OPTIONS):
             hidden += 1
             continue
-        title = (f"{owners[action.dest].__name__} options (calibrl)" if ours else
+        given = next((t for t in dataclass_types if action.dest in {f.name for f in dataclasses.fields(t)}), None)
+        title = (f"{given.__name__} options (calibrl)" if ours else
                  "TRL GRPOConfig options" if module.startswith("trl") else "transformers TrainingArguments options")
         if not full and not ours:
             title = "common TRL / transformers options"
