@@ -118,6 +118,26 @@ def require_columns(columns, needed: list[str], bench: str, path: str) -> None:
         raise BenchDataError(f"{bench}: {path} has no column {missing[0]!r} (columns: {', '.join(columns)})")
 
 
+def read_rows(path: str, bench: str, needed: list[str]) -> list[dict]:
+    """The rows of a `.json` release (each checked for the `needed` fields) or a parquet one (those columns)."""
+    if not path.endswith(".json"):
+        return read_parquet_rows(path, bench, needed)
+    rows = read_json_rows(path, bench)
+    for i, row in enumerate(rows):
+        missing = [c for c in needed if c not in row]
+        if missing:
+            raise BenchDataError(f"{bench}: {path} row {i} has no field {missing[0]!r}")
+    return rows
+
+
+def decoded_image(row: dict, root: str, bench: str, where: str) -> ImageRef:
+    """The image of a row that stores it in `decoded_image` (the hub's parquet) or `image` (a path or bytes)."""
+    stored = row.get("decoded_image") or row.get("image")
+    if not stored:
+        raise BenchDataError(f"{where}: neither 'decoded_image' nor 'image' holds an image")
+    return image_ref(stored, root, bench, where)
+
+
 def image_ref(value: Any, root: str, bench: str, where: str) -> ImageRef:
     """An `ImageRef` from a stored image (struct with bytes/path, raw bytes, or a path relative to `root`).
 

@@ -15,7 +15,7 @@ import os
 import re
 
 from calibrl.bench.base import Benchmark, with_instruction
-from calibrl.bench.data import BenchDataError, Item, find_files, image_ref, read_json_rows, read_parquet_rows
+from calibrl.bench.data import BenchDataError, Item, find_files, image_ref, read_rows
 
 _OPTION = re.compile(r"^\s*\(?([A-H])\)?\s*[:.：．)]\s*(.*?)\s*$")
 _CHOICES_HEAD = re.compile(r"\n\s*Choices?\s*:\s*\n", re.IGNORECASE)
@@ -50,14 +50,7 @@ class MathVerse(Benchmark):
         needed = ["sample_index", "problem_version", "question", "image", "answer", "question_type"]
         items = []
         for path in paths:
-            if path.endswith(".json"):
-                rows = read_json_rows(path, self.name)
-                for i, row in enumerate(rows):
-                    missing = [c for c in needed if c not in row]
-                    if missing:
-                        raise BenchDataError(f"{self.name}: {path} row {i} has no field {missing[0]!r}")
-            else:
-                rows = read_parquet_rows(path, self.name, needed)
+            rows = read_rows(path, self.name, needed)
             for i, row in enumerate(rows):
                 items.append(self._item(row, root, f"{self.name}: {os.path.basename(path)} row {i} "
                                                    f"(sample_index {row['sample_index']})"))

@@ -8,7 +8,7 @@ decoded_image (Image struct), answer (the option letter, or the value), solution
 from __future__ import annotations
 
 from calibrl.bench.base import Benchmark, interleave, options_block, with_instruction
-from calibrl.bench.data import BenchDataError, Item, find_files, image_ref, read_parquet_rows
+from calibrl.bench.data import BenchDataError, Item, decoded_image, find_files, read_parquet_rows
 from calibrl.bench.scoring import LETTERS
 
 
@@ -29,10 +29,7 @@ class MathVision(Benchmark):
         return items
 
     def _item(self, row: dict, root: str, where: str) -> Item:
-        stored = row.get("decoded_image") or row.get("image")
-        if not stored:
-            raise BenchDataError(f"{where}: neither 'decoded_image' nor 'image' holds an image")
-        image = image_ref(stored, root, self.name, where)
+        image = decoded_image(row, root, self.name, where)
         options = [str(o) for o in (row.get("options") or [])]
         text = "\n".join(p for p in (str(row["question"]).strip(), options_block(options)) if p)
         answer = str(row["answer"]).strip()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from calibrl.bench.base import Benchmark, options_block, with_instruction
-from calibrl.bench.data import BenchDataError, Item, find_files, image_ref, read_parquet_rows
+from calibrl.bench.data import BenchDataError, Item, decoded_image, find_files, read_parquet_rows
 from calibrl.bench.scoring import LETTERS
 
 _HINTS = {
@@ -65,10 +65,7 @@ class MathVista(Benchmark):
         return items
 
     def _item(self, row: dict, root: str, where: str) -> Item:
-        stored = row.get("decoded_image") or row.get("image")
-        if not stored:
-            raise BenchDataError(f"{where}: neither 'decoded_image' nor 'image' holds an image")
-        image = image_ref(stored, root, self.name, where)
+        image = decoded_image(row, root, self.name, where)
         text = row.get("query") if self.use_query and row.get("query") else build_query(row)
         choices = [str(c) for c in (row.get("choices") or [])]
         meta = dict(row.get("metadata") or {})

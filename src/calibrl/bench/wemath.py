@@ -22,7 +22,7 @@ import os
 import re
 
 from calibrl.bench.base import Benchmark, with_instruction
-from calibrl.bench.data import BenchDataError, Item, find_files, image_ref, read_json_rows, read_parquet_rows
+from calibrl.bench.data import BenchDataError, Item, find_files, image_ref, read_rows
 
 _KEY = re.compile(r"(\d)steps_(\d+|multi)")
 _OPTION_SPLIT = re.compile(r";\s*(?=[A-H]\s*[.:．])")
@@ -79,14 +79,7 @@ class WeMath(Benchmark):
         needed = ["ID", "question", "option", "answer", "image_path", "key"]
         items, seen = [], set()
         for path in paths:
-            if path.endswith(".json"):
-                rows = read_json_rows(path, self.name)
-                for i, row in enumerate(rows):
-                    missing = [c for c in needed if c not in row]
-                    if missing:
-                        raise BenchDataError(f"{self.name}: {path} row {i} has no field {missing[0]!r}")
-            else:
-                rows = read_parquet_rows(path, self.name, needed)
+            rows = read_rows(path, self.name, needed)
             for i, row in enumerate(rows):
                 item = self._item(row, root, split, f"{self.name}: {os.path.basename(path)} row {i} (ID {row['ID']}, "
                                                     f"key {row['key']})")
