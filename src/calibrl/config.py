@@ -80,6 +80,9 @@ class CalibRLConfig(GRPOConfig):
                                 "raises, returns NaN/inf or hangs costs that sample (scored 0, counted), not the run."})
     reward_timeout: float | None = field(default=60.0, metadata={"help": "Seconds before a reward call is cut "
                                          "(guard_rewards); None = no limit."})
+    shared_prefix: bool = field(default=True, metadata={"help": "Run each group's prompt and images once, not "
+                                "once per rollout: in the policy forward/backward and in generation without vLLM. "
+                                "Exact; where a model or option cannot use it, the repeated layout, said in one log line."})
     scale_rewards: str = field(default="none", metadata={"help": "Advantage normalisation: 'none' (official "
                                "scripts, mean-centred), 'group' (paper, z-score) or 'batch'. 'dapo' forces 'group'."})
 
