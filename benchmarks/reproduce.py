@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GRID_PATH = ROOT / "benchmarks" / "grid.yaml"
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 GROUPS = ("main", "ablation")
+SETTING_SECTIONS = ("sft", "train", "final_eval", "sft_grpo")  # what every run of a grid shares (settings_hash)
 BASE_FILE = "base.json"
 EXPERTS_FILE = "experts.json"
 
@@ -87,6 +88,16 @@ def load_grid(path: str | os.PathLike = GRID_PATH, quick: bool = False) -> dict:
     if not p.is_file():
         raise SystemExit(f"reproduce: grid file not found: {p}")
     grid = yaml.safe_load(p.read_text(encoding="utf-8"))
+    if "extends" in grid:  # another grid file's settings, with these sections' keys on top
+        parent_path = p.parent / grid.pop("extends")
+        parent = yaml.safe_load(parent_path.read_text(encoding="utf-8")) if parent_path.is_file() else None
+        if parent is None:
+            raise SystemExit(f"reproduce: {p}: extends: grid file not found: {parent_path}")
+        parent.pop("quick", None)
+        for key in SETTING_SECTIONS:
+            if key in grid:
+                grid[key] = {**(parent.get(key) or {}), **(grid[key] or {})}
+        grid = {**parent, **grid}
     for key in ("train", "final_eval", "seeds", "main"):
         if key not in grid:
             raise SystemExit(f"reproduce: {p}: missing key {key!r}")
@@ -120,7 +131,7 @@ def settings_hash(grid: dict) -> str:
     with other shared settings are stale."""
     from calibrl.files import settings_hash as _hash
 
-    return _hash({k: grid.get(k) for k in ("sft", "train", "final_eval", "sft_grpo")})
+    return _hash({k: grid.get(k) for k in SETTING_SECTIONS})
 
 
 def _cell_keys(cell: str, keys: dict | None) -> tuple[dict, bool]:

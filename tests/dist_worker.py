@@ -17,7 +17,7 @@ from datasets import Dataset  # noqa: E402
 from calibrl import CalibRLConfig, CalibRLTrainer  # noqa: E402
 from calibrl.models import load_tiny_model  # noqa: E402
 from helpers import digit_rows, hash_accuracy, hash_format  # noqa: E402
-from fakes import FakeVLLM  # noqa: E402
+from fakes import FakeVLLM, end_worker  # noqa: E402
 
 
 class Recording(CalibRLTrainer):
@@ -66,6 +66,7 @@ def main(model_dir: str, out_dir: str) -> None:
                    os.path.join(out_dir, "params.pt"))
         with open(os.path.join(out_dir, "logs.json"), "w") as f:
             json.dump(logs, f)
+    end_worker("dist_worker", rank)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from datasets import Dataset  # noqa: E402
 from calibrl import CalibRLConfig, CalibRLTrainer  # noqa: E402
 from calibrl.models import load_tiny_model  # noqa: E402
 from helpers import digit_rows, hash_accuracy, hash_format  # noqa: E402
-from fakes import FakeVLLM  # noqa: E402
+from fakes import FakeVLLM, end_worker  # noqa: E402
 import dist_worker  # noqa: E402
 
 GLOBAL_BATCH, GROUP, GRAD_ACC = 16, 4, 2
@@ -117,12 +117,7 @@ def main() -> None:
         }
         with open(os.path.join(opts.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f)
-    # Leave together and tear the process group down before the interpreter does: a rank that exits while
-    # gloo's threads are still alive can abort ("terminate called without an active exception", SIGABRT).
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    print(f"ds_worker: rank {rank} done", flush=True)  # every output is written (test_deepspeed reads this)
+    end_worker("ds_worker", rank)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Test doubles shared by several test files."""
+"""Test doubles shared by several test files, and the exit of the launched distributed workers."""
+
+import os
+import sys
 
 
 class FakeVLLM:
@@ -22,3 +25,17 @@ class FakeVLLM:
         prompt_ids = [p for p in unique for _ in range(num_generations)]
         logprobs = [[[-0.5]] * len(c) for c in completion_ids]
         return prompt_ids, completion_ids, logprobs, None
+
+
+def end_worker(tag: str, rank: int) -> None:
+    """End a launched test worker once every rank has written its outputs: wait for all ranks, say so, and
+    leave without the interpreter's teardown. That teardown races with gloo's threads and intermittently
+    aborts a rank ("terminate called without an active exception", SIGABRT) after all the work is done,
+    seen in CI for both the DDP and the ZeRO worker; what the tests check is written before this point."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    print(f"{tag}: rank {rank} done", flush=True)
+    sys.stderr.flush()
+    os._exit(0)

@@ -46,3 +46,19 @@ def test_regime_script_quick_is_resumable(tmp_path, monkeypatch):
     stamp = out.stat().st_mtime_ns
     assert regime.main(["--quick", "--out", str(out), "--shares", "0"]) == 0  # done already: nothing redone
     assert out.stat().st_mtime_ns == stamp
+
+
+def test_regime_grid_extends_the_benchmark_grid(tmp_path):
+    from benchmarks import reproduce
+
+    base = reproduce.load_grid()
+    grid = reproduce.load_grid(reproduce.ROOT / "benchmarks" / "regime_grid.yaml")
+    assert grid["sft"] == {**base["sft"], "mismatched_share": 0.2}  # one key on top of the benchmark's warm start
+    assert grid["train"] == base["train"] and grid["final_eval"] == base["final_eval"]
+    assert len(grid["seeds"]["main"]) >= 10 and grid["ablations"] == {}
+    assert reproduce.settings_hash(grid) != reproduce.settings_hash(base)  # its results never mix with the table's
+    assert "grpo" in grid["main"] and "dapo" not in grid["main"]  # its own cells replace the parent's
+    missing = tmp_path / "g.yaml"
+    missing.write_text("extends: nowhere.yaml\nmain: {grpo: {method: grpo}}\n")
+    with pytest.raises(SystemExit, match="extends: grid file not found"):
+        reproduce.load_grid(missing)

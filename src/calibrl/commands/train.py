@@ -189,6 +189,9 @@ def train(config: CalibRLConfig, run: RunArgs, command: list[str] | None = None)
         counts = dict(trainer.run_counts, skipped_steps=trainer.all_skipped_steps)
         write_run_info(run_dir, data=description, counts=counts)
         report(run_dir)
+    if state.num_processes > 1:  # leave together, with the process group torn down before the interpreter's
+        state.wait_for_everyone()  # exit (NCCL warns of a group never destroyed; gloo's threads can race it)
+        state.destroy_process_group()
     return run_dir
 
 
