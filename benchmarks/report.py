@@ -34,6 +34,17 @@ FIG_DIR = ROOT / "docs" / "figures"
 ALPHA = 0.05
 POWER = 0.8  # for the minimum detectable effects
 REGIME_FILE = "regime/bases.json"  # benchmarks/regime.py
+REGIME_STUDIES = {0.2: ("regime/share20", "benchmarks/regime_grid.yaml")}  # share -> (results, grid), RL grid
+REGIME_COMPARISONS = (  # (a, b, question), paired by seed; cells of benchmarks/regime_grid.yaml
+    ("calibrl_token", "grpo", "CalibRL (token gap) beats GRPO"),
+    ("calibrl_sequence", "grpo", "CalibRL (sequence gap) beats GRPO"),
+    ("calibrl_token", "calibrl_constant", "the expert's content matters (token gap vs constant baseline)"),
+    ("calibrl_token", "calibrl_token_noisy", "a correct expert beats a 31%-wrong one (token gap)"),
+    ("calibrl_sequence", "calibrl_sequence_noisy", "a correct expert beats a 31%-wrong one (sequence gap)"),
+    ("calibrl_token", "luffy_calibrl_baseline", "CalibRL beats LUFFY (CalibRL's baseline)"),
+)
+GRID_NAMES_AT_ZERO = {  # the same cells in the main grid (share 0): its noisy experts are ablation cells
+    "calibrl_token_noisy": "calibrl_token+noisy_expert", "calibrl_sequence_noisy": "calibrl_sequence+noisy_expert"}
 TARGET_SHARE = (0.3, 0.7)  # the regime sought: the expert inside the samples' distribution (token gap > 0 share)
 
 LABELS = {
@@ -48,6 +59,8 @@ LABELS = {
     "calibrl_sequence": "CalibRL, sequence gap (paper)",
     "calibrl_sequence_mean": "CalibRL, sequence-mean gap",
     "calibrl_constant": "CalibRL, constant baseline (control)",
+    "calibrl_token_noisy": "CalibRL, token gap, noisy expert",
+    "calibrl_sequence_noisy": "CalibRL, sequence gap, noisy expert",
 }
 ABLATION_LABELS = {
     "guide_coef=0.01": "λ = 0.01", "guide_coef=0.3": "λ = 0.3", "leaky_slope=0.3": "α = 0.3",
@@ -552,7 +565,7 @@ def power_section(data: dict, cells: dict) -> list[str]:
     return lines + [""]
 
 
-def regime_section(data: dict) -> list[str]:
+def regime_section(data: dict, studied: bool = False) -> list[str]:
     """The regime knob: bases warm-started with a share of the expert's wording, measured before any RL."""
     regime = data.get("regime")
     if not regime or not regime.get("bases"):
@@ -594,10 +607,128 @@ def regime_section(data: dict) -> list[str]:
     lines += ["", "Bases in the target regime (token-gap share between "
               f"{lo} and {hi}, the expert inside the samples' distribution): "
               + (", ".join(f"{100 * b['share']:g}%" for b in inside) if inside else "none yet") + ". "
-              "The RL grid on these bases (GRPO, CalibRL token and sequence gaps, the constant control, the noisy "
-              "expert on both gaps, LUFFY; at least 10 seeds) has not been run yet: the Power section above says "
-              "how many seeds a 3-point difference needs at the spread measured so far.", ""]
+              + ("The RL grid on a base of the target regime follows." if studied else
+                 "The RL grid on these bases (GRPO, CalibRL token and sequence gaps, the constant control, the noisy "
+                 "expert on both gaps, LUFFY; at least 10 seeds) has not been run yet: the Power section above says "
+                 "how many seeds a 3-point difference needs at the spread measured so far."), ""]
     return lines
+
+
+def load_regime_studies(results_dir: Path) -> dict[float, dict]:
+    """share -> the loaded RL grid on that base (`load`), for each study whose results folder exists."""
+    out = {}
+    for share, (sub, grid_file) in REGIME_STUDIES.items():
+        folder = results_dir / sub
+        if folder.is_dir() and any(folder.glob("*__s*.json")):
+            out[share] = load(folder, ROOT / grid_file)
+    return out
+
+
+def regime_comparisons(cells_by_share: dict[float, dict]) -> dict[float, dict[tuple[str, str], dict]]:
+    """share -> (a, b) -> the paired in-domain difference, for every comparison with paired seeds."""
+    out: dict[float, dict] = {}
+    for share, cells in cells_by_share.items():
+        names = GRID_NAMES_AT_ZERO if share == 0 else {}
+        for a, b, _ in REGIME_COMPARISONS:
+            d = paired(values(cells, names.get(a, a), "test"), values(cells, names.get(b, b), "test"))
+            if d["n"]:
+                out.setdefault(share, {})[(a, b)] = d
+    return out
+
+
+def regime_runs_section(studies: dict[float, dict], main_cells: dict, regime: dict | None) -> list[str]:
+    """The RL grid on the regime bases: each cell, the key comparisons with their minimum detectable effects,
+    and the same comparisons on the main grid's base (share 0) side by side."""
+    lines = []
+    for share, data in sorted(studies.items()):
+        cells = by_cell(data["runs"])
+        grid = data["grid"]
+        planned = len(data["expected"])
+        probe = ((regime or {}).get("bases", {}).get(f"{share:g}") or {}).get("probe")
+        lines += [f"## The regime study: RL on the {100 * share:g}% base", "",
+                  f"`{reproduce.rel_to_root(ROOT / REGIME_STUDIES[share][1])}` (everything as the main grid except "
+                  f"the warm start: {100 * share:g}% of its SFT targets in the expert's wording), run by "
+                  f"`python -m benchmarks.reproduce --grid {REGIME_STUDIES[share][1]} --out "
+                  f"benchmarks/results/{REGIME_STUDIES[share][0]}`. **{len(data['runs'])} of {planned} planned runs "
+                  f"are finished** ({len(grid['main'])} cells x {len(grid['seeds']['main'])} seeds)"
+                  + ("; the rest are not run yet, and nothing below stands for them." if len(data["runs"]) < planned
+                     else ".")]
+        if data["base"]:
+            f = data["base"]["final"]
+            lines[-1] += f" Base model before RL: {_pct(f['test']['accuracy'])} in-domain, {_pct(f['ood']['accuracy'])} ood."
+        if probe:
+            lines[-1] += (f" Where the expert sits before RL: token gap > 0 for {probe['share_gap_positive']['token']:.2f}"
+                          f" of sample tokens, sequence gap > 0 for {probe['share_gap_positive']['sequence']:.2f} of "
+                          "samples (the regime section above).")
+        lines += [""]
+        rows = []
+        for cell in grid["main"]:
+            test = mean_ci(list(values(cells, cell, "test").values()))
+            if not test["n"]:
+                continue
+            d = paired(values(cells, cell, "test"), values(cells, "grpo", "test")) if cell != "grpo" else None
+            rows.append([label(cell), str(test["n"]), fmt_ci(test), fmt_ci(mean_ci(list(values(cells, cell, "ood").values()))),
+                         fmt_diff(d) if d else "—"])
+        lines += table(["method", "seeds", "in-domain", "out-of-domain", "Δ in-domain vs GRPO"], rows) + [""]
+        comps = regime_comparisons({share: cells})
+        rows = []
+        for a, b, question in REGIME_COMPARISONS:
+            d = comps.get(share, {}).get((a, b))
+            if not d:
+                continue
+            m = mde(d)
+            rows.append([question, str(d["n"]), fmt_diff(d), f"{m:.1f}" if m is not None else "—",
+                         str(seeds_for(d["sd"], 3.0)) if d["sd"] and d["sd"] > 1e-9 else "—",
+                         verdict(d, +1)])
+        if rows:
+            lines += ["Each question as a paired in-domain difference (points) with its minimum detectable effect at "
+                      f"the seeds run ({POWER:.0%} power, two-sided α = {ALPHA}): 'not significant' reads as "
+                      "'smaller than the MDE, or not measurable here'.", ""]
+            lines += table(["question", "paired seeds", "a − b", "MDE (points)", "seeds for a 3-point MDE",
+                            "verdict"], rows) + [""]
+    if studies:
+        both = regime_comparisons({0.0: main_cells, **{s: by_cell(d["runs"]) for s, d in studies.items()}})
+        rows = []
+        for a, b, question in REGIME_COMPARISONS:
+            cols = [fmt_diff(both[s][(a, b)]) if (a, b) in both.get(s, {}) else "—" for s in sorted(both)]
+            rows.append([question] + cols)
+        lines += ["The same questions on each base (share of the SFT targets in the expert's wording; 0% is the main "
+                  "grid, whose noisy-expert cells are its ablation cells on fewer seeds):", ""]
+        lines += table(["question"] + [f"{100 * s:g}% base" for s in sorted(both)], rows) + [""]
+    return lines
+
+
+def regime_figure(studies: dict[float, dict], main_cells: dict, fig_dir: Path) -> tuple[str, str] | None:
+    """Paired in-domain differences against the base's share of expert wording, with 95% intervals."""
+    if not studies:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    both = regime_comparisons({0.0: main_cells, **{s: by_cell(d["runs"]) for s, d in studies.items()}})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    shares = sorted(both)
+    for k, (a, b, question) in enumerate(REGIME_COMPARISONS):
+        pts = [(s, both[s][(a, b)]) for s in shares if (a, b) in both[s]]
+        if not pts:
+            continue
+        xs = [100 * s + 0.25 * (k - len(REGIME_COMPARISONS) / 2) for s, _ in pts]  # spread the markers apart
+        ys = [d["mean"] for _, d in pts]
+        err = [d["half"] or 0.0 for _, d in pts]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=question)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("share of the base's SFT targets in the expert's wording (%)")
+    ax.set_ylabel("paired Δ in-domain accuracy (points)")
+    ax.set_title("regime study: each question's difference on each base (95% CI)")
+    ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    path = fig_dir / "regime_dose_response.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return "regime study: paired differences against the base's share of expert wording", str(path)
 
 
 def seeds_table(data: dict, cells: dict) -> list[str]:
@@ -765,8 +896,12 @@ def build_report(results_dir: str | os.PathLike, out_md: str | os.PathLike, fig_
     lines += power_section(data, cells)
     lines += ["## Ablations", ""] + ablation_table(data, cells) + [""]
     lines += also_on_table(data, cells) + noisy_expert_reading(data, cells) + branch_reading(data)
-    lines += regime_section(data)
+    studies = load_regime_studies(Path(results_dir))
+    lines += regime_section(data, studied=bool(studies))
+    lines += regime_runs_section(studies, cells, data["regime"])
     figs = figures(data, cells, fig_dir)
+    regime_fig = regime_figure(studies, cells, fig_dir)  # after figures(), which clears the folder
+    figs += [regime_fig] if regime_fig else []
     lines += ["## Curves", "", "Mean over seeds, shaded from the lowest to the highest seed at each step.", ""]
     for caption, path in figs:
         lines += [f"![{caption}]({os.path.relpath(path, out_md.parent)})", ""]

@@ -62,3 +62,32 @@ def test_regime_grid_extends_the_benchmark_grid(tmp_path):
     missing.write_text("extends: nowhere.yaml\nmain: {grpo: {method: grpo}}\n")
     with pytest.raises(SystemExit, match="extends: grid file not found"):
         reproduce.load_grid(missing)
+
+
+def _run(cell: str, seed: int, test: float) -> dict:
+    return {"cell": cell, "seed": seed, "final": {"test": {"accuracy": test / 100}, "ood": {"accuracy": 0.05}}}
+
+
+def test_regime_runs_section_pairs_by_seed_and_says_how_partial(tmp_path):
+    from benchmarks import report, reproduce
+
+    grid = reproduce.load_grid(reproduce.ROOT / "benchmarks" / "regime_grid.yaml")
+    # GRPO 30 + s; CalibRL token 2 points above on every seed but seed 2 (+5); the constant control only on 0-1
+    runs = [_run("grpo", s, 30 + s) for s in range(4)] + [_run("calibrl_token", s, 32 + s + 3 * (s == 2))
+                                                        for s in range(4)]
+    runs += [_run("calibrl_constant", s, 31 + s) for s in range(2)]
+    study = {"grid": grid, "runs": runs, "base": None, "expected": reproduce.grid_runs(grid, None)}
+    main_cells = report.by_cell([_run("grpo", s, 40) for s in range(3)] + [_run("calibrl_token", s, 40 + s)
+                                                                          for s in range(3)])
+    text = "\n".join(report.regime_runs_section({0.2: study}, main_cells, None))
+    assert "**10 of 70 planned runs are finished**" in text and "nothing below stands for them" in text
+    d = report.paired({s: 32 + s + 3 * (s == 2) for s in range(4)}, {s: 30 + s for s in range(4)})
+    assert d["n"] == 4 and abs(d["mean"] - 2.75) < 1e-9
+    row = next(line for line in text.splitlines() if line.startswith("| CalibRL (token gap) beats GRPO"))
+    assert f"| 4 | {report.fmt_diff(d)} | {report.mde(d):.1f} |" in row
+    content = next(line for line in text.splitlines() if line.startswith("| the expert's content matters"))
+    assert "| 2 |" in content  # paired on the two seeds both cells have
+    side = [line for line in text.splitlines() if line.startswith("| CalibRL (token gap) beats GRPO")][-1]
+    assert "+1.0 [" in side and "+2.8 [" in side  # share 0 (main grid: 0, 1, 2 above GRPO) next to share 20%
+    fig = report.regime_figure({0.2: study}, main_cells, tmp_path)
+    assert fig and (tmp_path / "regime_dose_response.png").stat().st_size > 0
