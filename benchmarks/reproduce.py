@@ -54,6 +54,8 @@ from pathlib import Path
 
 import yaml
 
+from calibrl.files import weights_fingerprint
+
 ROOT = Path(__file__).resolve().parent.parent
 GRID_PATH = ROOT / "benchmarks" / "grid.yaml"
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -238,6 +240,14 @@ def read_current(path: str | os.PathLike, settings: str) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     return data if data.get("settings_hash") == settings else None
+
+
+def on_base(data: dict | None, fingerprint: str) -> dict | None:
+    """`data` (a run or base.json) if it was made from the base model with this weights fingerprint; results
+    from before fingerprints were recorded carry none and are taken as they are."""
+    if data is None:
+        return None
+    return data if data.get("base_fingerprint", fingerprint) == fingerprint else None
 
 
 def load_runs(results_dir: str | os.PathLike) -> list[dict]:
@@ -444,7 +454,7 @@ def run_one(spec: RunSpec, grid: dict, base_dir: str, results_dir: str, work_dir
         "global_step": trainer.state.global_step,
         "config": {"train": {k: v for k, v in config.to_dict().items() if not k.startswith(("hub_", "push_"))},
                    "run": asdict(run), "grid": {k: grid.get(k) for k in ("sft", "train", "final_eval", "sft_grpo")}},
-        "base_model": base_dir, "command": command, "machine": machine_info(), "versions": versions(),
+        "base_model": base_dir, "base_fingerprint": weights_fingerprint(base_dir), "command": command, "machine": machine_info(), "versions": versions(),
         "git_commit": git_commit(), "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     write_json(result_path(results_dir, spec), out)
@@ -500,7 +510,8 @@ def ensure_base(grid: dict, results_dir: str, work_dir: str) -> str:
           f"{summary.get('chosen_step')}, validation accuracy {summary.get('select_accuracy')})", flush=True)
     path = Path(results_dir) / BASE_FILE
     h = settings_hash(grid)
-    if read_current(path, h) is not None:
+    fingerprint = weights_fingerprint(base_dir)  # the same settings on another CPU can train other weights
+    if on_base(read_current(path, h), fingerprint) is not None:
         return base_dir
     _, run = train_config(grid, RunSpec("base", "main", 0, {"method": "grpo"}), base_dir, str(Path(work_dir) / "base"))
     fe = final_eval_args(grid)
@@ -508,7 +519,8 @@ def ensure_base(grid: dict, results_dir: str, work_dir: str) -> str:
     model, proc = load_tiny_model(base_dir)
     t = time.time()
     results = evaluate(model, proc, rows, max_new_tokens=fe.eval_max_new_tokens, batch_size=fe.eval_batch_size)
-    write_json(path, {"kind": "base", "settings_hash": h, "base_model": base_dir, "sft": summary,
+    write_json(path, {"kind": "base", "settings_hash": h, "base_model": base_dir, "base_fingerprint": fingerprint,
+                      "sft": summary,
                       "sft_cached": cached, "final": {s: _split_result(results, s) for s in fe.eval_splits},
                       "eval_s": round(time.time() - t, 2), "machine": machine_info(), "quick": grid["quick_mode"]})
     return base_dir
@@ -624,13 +636,20 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet()
     command = "python -m benchmarks.reproduce " + " ".join(argv)
-    print(f"{len(runs)} runs selected: {len(done)} already done, {len(todo)} to run; results -> {results_dir}",
-          flush=True)
     if threads:  # also for the base evaluation in this process
         import torch
 
         torch.set_num_threads(threads)
     base_dir = ensure_base(grid, results_dir, work_dir)
+    fingerprint = weights_fingerprint(base_dir)
+    other_base = [r for r in done if on_base(read_current(result_path(results_dir, r), h), fingerprint) is None]
+    if other_base:  # made from another base model (the warm start came out otherwise on this machine)
+        print(f"{len(other_base)} result files were made from another base model and will be replaced: "
+              + ", ".join(r.run_id for r in other_base), flush=True)
+        done = [r for r in done if r not in other_base]
+        todo = [r for r in runs if r not in done]
+    print(f"{len(runs)} runs selected: {len(done)} already done, {len(todo)} to run; results -> {results_dir}",
+          flush=True)
     ensure_expert_facts(grid, base_dir, results_dir)
     failed: list[str] = []
     t0 = time.time()

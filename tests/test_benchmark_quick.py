@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks import branches, report, reproduce
 from calibrl.config import DataSource
+from calibrl.files import weights_fingerprint
 from calibrl.tasks.common import noisy_count
 
 pytestmark = pytest.mark.slow  # every test here trains a model or starts processes
@@ -52,6 +53,9 @@ def test_quick_writes_one_json_per_run(quick):
         assert r["machine"]["nproc"] == os.cpu_count() and r["machine"]["cpu_model"]
     # the same seed gives both methods the same base and the same eval rows; CalibRL logs its guidance
     assert runs["grpo__s0"]["base_model"] == runs["calibrl_token__s0"]["base_model"]
+    base = json.loads((root / "results" / "base.json").read_text(encoding="utf-8"))
+    assert {r["base_fingerprint"] for r in runs.values()} == {base["base_fingerprint"]}
+    assert base["base_fingerprint"] == weights_fingerprint(base["base_model"])
     assert runs["calibrl_token__s0"]["config"]["train"]["gap"] == "token"
 
 
@@ -95,6 +99,45 @@ def test_report_tables_claims_and_figure(quick, tmp_path):
     text = report.build_report(partial, tmp_path / "partial.md", tmp_path / "figures2")
     assert "PARTIAL GRID: 3 of 4 runs complete" in "\n".join(text.splitlines()[:4])
     assert "| CalibRL, token gap (code) | 1/2 |" in text
+
+
+def test_a_result_from_another_base_model_is_made_again(quick, capsys):
+    """The same warm-start settings can train other weights on another CPU: a run whose base fingerprint is
+    not the current base's is replaced, and base.json re-evaluated; a result without one (older) is kept."""
+    root, args = quick
+    copy = root / "results_other_base"
+    shutil.copytree(root / "results", copy)
+    for name in ("grpo__s1.json", "base.json"):
+        path = copy / name
+        data = json.loads(path.read_text(encoding="utf-8"))
+        path.write_text(json.dumps({**data, "base_fingerprint": "0" * 12}), encoding="utf-8")
+    legacy = copy / "grpo__s0.json"
+    data = json.loads(legacy.read_text(encoding="utf-8"))
+    data.pop("base_fingerprint")
+    legacy.write_text(json.dumps(data), encoding="utf-8")
+    capsys.readouterr()
+    assert reproduce.main(["--quick", "--out", str(copy), "--work-dir", str(root / "work"), "--only", "method=grpo"]) == 0
+    out = capsys.readouterr().out
+    assert "1 result files were made from another base model and will be replaced: grpo__s1" in out
+    assert "2 runs selected: 1 already done, 1 to run" in out
+    fingerprint = json.loads((root / "results" / "base.json").read_text(encoding="utf-8"))["base_fingerprint"]
+    for name in ("grpo__s1.json", "base.json"):
+        assert json.loads((copy / name).read_text(encoding="utf-8"))["base_fingerprint"] == fingerprint
+    assert "base_fingerprint" not in json.loads(legacy.read_text(encoding="utf-8"))
+    assert reproduce.on_base(None, fingerprint) is None
+
+
+def test_weights_fingerprint_follows_the_weights(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"abc")
+    (tmp_path / "config.json").write_text("{}")
+    first = weights_fingerprint(tmp_path)
+    (tmp_path / "config.json").write_text('{"x": 1}')
+    assert weights_fingerprint(tmp_path) == first  # the config is not the weights
+    (tmp_path / "model.safetensors").write_bytes(b"abd")
+    assert weights_fingerprint(tmp_path) != first
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no weight files"):
+        weights_fingerprint(tmp_path / "empty")
 
 
 def test_grid_selection_only_seeds_shards():

@@ -27,6 +27,21 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def weights_fingerprint(model_dir: str | os.PathLike) -> str:
+    """A short hash of a model folder's weight files (*.safetensors, *.bin): which model a result came from,
+    where a cache key cannot tell (the same settings trained on another CPU can give other weights)."""
+    files = sorted(p for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not files:
+        raise FileNotFoundError(f"no weight files in {model_dir}")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:12]
+
+
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     """Raise unless `path` is absent, an empty folder, or `overwrite` is set. Reads only."""
     p = Path(path)
