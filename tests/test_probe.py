@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from calibrl import cli
-from calibrl.probe import reading, regime, target_logps
+from calibrl.probe import reading, regime, slope_flips, target_logps
 from helpers import digit_rows, make_trainer
 
 
@@ -25,6 +25,29 @@ def test_regime_shares_by_hand():
     assert "inside your policy's distribution" in stats["reading"]
     with pytest.raises(ValueError, match="expected 2 x 2 samples"):
         regime(samples[:3], experts, [True] * 3, 2)
+
+
+def test_slope_flips_by_hand():
+    # 2 prompts x G=2; prompt 0 is mixed (guided), prompt 1 all wrong (|Â| = 0: left out).
+    samples = [torch.tensor([-0.5, -2.0]), torch.tensor([-3.0]), torch.tensor([-0.1]), torch.tensor([-9.0])]
+    correct = [True, False, False, False]
+    expert_a = [torch.tensor([-1.0, -1.0]), torch.tensor([-1.0])]
+    expert_b = [torch.tensor([-0.2, -3.0]), torch.tensor([-5.0])]
+    # token gaps vs A: +0.5, -1.0 | -2.0; vs B: -0.3, +1.0 | -2.8: the first two tokens flip, the third does not
+    tok = slope_flips(samples, expert_a, expert_b, correct, 2, "token")
+    assert tok["share"] == pytest.approx(2 / 3) and tok["units"] == 3 and tok["guided_prompts"] == 1
+    # sequence gaps vs A: -2.5 - (-2) < 0, -3 - (-2) < 0; vs B: -2.5 - (-3.2) > 0, -3 - (-3.2) > 0: both flip
+    assert slope_flips(samples, expert_a, expert_b, correct, 2, "sequence")["share"] == 1.0
+    # the same expert on both sides flips nothing
+    assert slope_flips(samples, expert_a, expert_a, correct, 2, "token")["share"] == 0.0
+    # constant c = mean of all A experts' tokens = -1: the same as A's per-token baseline here, so no flips;
+    # move prompt 1's expert and c moves with it while A's own baseline does not
+    assert slope_flips(samples, expert_a, None, correct, 2)["share"] == 0.0
+    shifted = [expert_a[0], torch.tensor([-7.0])]  # c = (-1 - 1 - 7) / 3 = -3: token 2's gap -1.0 becomes +1.0
+    assert slope_flips(samples, shifted, None, correct, 2)["share"] == pytest.approx(1 / 3)
+    assert slope_flips(samples, expert_a, expert_b, [False] * 4, 2)["share"] is None  # nothing guided
+    with pytest.raises(ValueError, match="per-token"):
+        slope_flips(samples, expert_a, None, correct, 2, "sequence")
 
 
 def test_reading_names_the_regime():
@@ -64,6 +87,9 @@ def test_probe_command_end_to_end(tmp_path, capsys):
     assert all(0.0 <= v <= 1.0 for v in stats["share_gap_positive"].values())
     assert stats["sample_tokens"]["max"] <= 13  # the completion limit, plus EOS
     assert sum(stats["groups"].values()) == pytest.approx(1.0)
+    flips = stats["content_flips"]  # None where the nano model's samples formed no mixed group
+    assert flips["mode"] == "token" and flips["baseline_b"] == "constant"
+    assert flips["share"] is None or 0.0 <= flips["share"] <= 1.0
 
 
 def test_probe_errors_are_one_line(capsys):

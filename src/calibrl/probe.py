@@ -14,6 +14,14 @@ so the slope, is set by each sample's correctness alone and the expert's content
 (what docs/RESULTS.md measured in the miniature). A share near 0 is the mirror case. In between, the expert
 sits inside the samples' distribution and its content decides which samples are pushed at full slope.
 Group composition (all wrong / all right / mixed) says how many groups carry any advantage at all.
+
+Whether the expert's *content* reaches the update is measured directly as slope flips: the LeakyReLU takes
+the full slope or α by the sign of −s_i·Δℓ, and s_i does not depend on the expert, so a unit (a sample token
+for the token gap, a sample for the sequence gaps) changes slope between two baselines exactly where the two
+Δℓ have different signs. `slope_flips` counts those units among the ones that carry guidance (samples of
+mixed groups, where |Â| > 0): against the constant baseline c (the token gap with the expert's content taken
+out, the trainer's `gap: constant` control) in `probe`, and against another expert (a noisy one) in the
+regime study (benchmarks/regime.py).
 """
 
 from __future__ import annotations
@@ -121,6 +129,43 @@ def regime(sample_logps: list[torch.Tensor], expert_logps: list[torch.Tensor], c
     return out
 
 
+def slope_flips(sample_logps: list[torch.Tensor], expert_a: list[torch.Tensor], expert_b: list[torch.Tensor] | None,
+                correct: list[bool], num_generations: int, mode: str = "token") -> dict:
+    """Share of the guided units whose LeakyReLU slope differs between baseline A (`expert_a`) and baseline B
+    (`expert_b`, or with `expert_b=None` the constant c = mean per-token log-prob of the A experts, as
+    `gap: constant` uses). Units: tokens (mode "token") or samples ("sequence", "sequence_mean") of mixed
+    groups whose prompt has both baselines. Shapes as `regime`'s inputs: G consecutive samples per prompt."""
+    if mode not in ("token", "sequence", "sequence_mean"):
+        raise ValueError(f"mode must be token, sequence or sequence_mean, got {mode!r}")
+    if expert_b is None and mode != "token":
+        raise ValueError("the constant baseline is a per-token one: compare it with mode='token'")
+    G = num_generations
+    n_prompts = len(expert_a)
+    if len(sample_logps) != n_prompts * G or len(correct) != n_prompts * G or (
+            expert_b is not None and len(expert_b) != n_prompts):
+        raise ValueError(f"expected {n_prompts} prompts x {G} samples and one expert per prompt on each side")
+    groups = torch.tensor(correct, dtype=torch.bool).view(n_prompts, G)
+    mixed = groups.any(1) & ~groups.all(1)
+    keep = [g for g in range(n_prompts) if mixed[g] and len(expert_a[g]) > 0
+            and (expert_b is None or len(expert_b[g]) > 0)]
+    out = {"mode": mode, "baseline_b": "constant" if expert_b is None else "expert", "guided_prompts": len(keep)}
+    if not keep:
+        return {**out, "units": 0, "share": None}
+    rows = [g * G + j for g in keep for j in range(G)]
+    s_logp, s_mask = _padded([sample_logps[r] for r in rows])
+    a_logp, a_mask = _padded([expert_a[r // G] for r in rows])
+    gap_a = losses.calibration_gap(s_logp, s_mask, a_logp, a_mask, mode)
+    if expert_b is None:
+        c = torch.cat([expert_a[g] for g in range(n_prompts) if len(expert_a[g]) > 0]).mean()
+        gap_b = losses.calibration_gap(s_logp, s_mask, a_logp, a_mask, "constant", constant=c)
+    else:
+        b_logp, b_mask = _padded([expert_b[r // G] for r in rows])
+        gap_b = losses.calibration_gap(s_logp, s_mask, b_logp, b_mask, mode)
+    differ = ((gap_a > 0) != (gap_b > 0)).float()
+    unit_mask = s_mask.float() if mode == "token" else torch.ones_like(differ)
+    return {**out, "units": int(unit_mask.sum().item()), "share": losses.masked_mean(differ, unit_mask).item()}
+
+
 def reading(stats: dict) -> str:
     """One line saying what the shares mean for CalibRL's update."""
     share = stats["share_gap_positive"]["token"]
@@ -141,37 +186,53 @@ def reading(stats: dict) -> str:
     return line
 
 
+def sample_logps(model, processing_class, rows: list[dict], num_generations: int = 8, max_new_tokens: int = 64,
+                 temperature: float = 1.0, batch_size: int = 32, seed: int = 0) -> tuple[list[torch.Tensor], list[bool]]:
+    """G sampled completions per row, scored: their per-token log-probs (G consecutive entries per row) and
+    correctness flags. A sample that stopped by itself ends with EOS, as in TRL; one cut at the limit has none."""
+    G = num_generations
+    texts = generate_completions(model, processing_class, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 num_samples=G, temperature=temperature, seed=seed)
+    correct = [is_correct(extract_answer(t), row.get("answer")) for row, ts in zip(rows, texts) for t in ts]
+    eos = tokenizer_of(processing_class).eos_token_id
+    targets = []
+    for ts in texts:
+        for t in ts:
+            ids = _ids(processing_class, t, max_new_tokens, append_eos=False)
+            targets.append(ids + ([eos] if len(ids) < max_new_tokens else []))
+    logps = target_logps(model, processing_class, [row for row in rows for _ in range(G)], targets, batch_size)
+    return logps, correct
+
+
+def expert_logps(model, processing_class, rows: list[dict], max_new_tokens: int = 64, batch_size: int = 32,
+                 expert_column: str = "solution") -> list[torch.Tensor]:
+    """Per-token log-probs of each row's expert (an empty tensor where a row has none), truncated to leave room
+    for EOS inside the completion limit, as the trainer does."""
+    experts = [row.get(expert_column) for row in rows]
+    has = [i for i, e in enumerate(experts) if isinstance(e, str) and e.strip()]
+    logps = target_logps(model, processing_class, [rows[i] for i in has],
+                         [_ids(processing_class, experts[i], max_new_tokens - 1, append_eos=True) for i in has],
+                         batch_size)
+    out = [torch.zeros(0)] * len(rows)
+    for i, lp in zip(has, logps):
+        out[i] = lp
+    return out
+
+
 def probe(model, processing_class, rows: list[dict], num_generations: int = 8, max_new_tokens: int = 64,
           temperature: float = 1.0, batch_size: int = 32, expert_column: str = "solution", seed: int = 0) -> dict:
     """Sample `num_generations` completions per row, score them, and measure where each row's expert sits
     (see the module docstring). Rows need a prompt (and images), an `answer`, and the expert in `expert_column`."""
     G = num_generations
-    texts = generate_completions(model, processing_class, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 num_samples=G, temperature=temperature, seed=seed)
-    correct = [is_correct(extract_answer(t), row.get("answer")) for row, ts in zip(rows, texts) for t in ts]
-    sample_rows = [row for row in rows for _ in range(G)]
-    # A sample that stopped at the token limit has no EOS; one that stopped by itself ends with EOS, as in TRL.
-    sample_targets = []
-    for ts in texts:
-        for t in ts:
-            ids = _ids(processing_class, t, max_new_tokens, append_eos=False)
-            sample_targets.append(ids + ([tokenizer_of(processing_class).eos_token_id] if len(ids) < max_new_tokens
-                                         else []))
-    sample_logps = target_logps(model, processing_class, sample_rows, sample_targets, batch_size)
-    experts = [row.get(expert_column) for row in rows]
-    has = [i for i, e in enumerate(experts) if isinstance(e, str) and e.strip()]
-    # the expert is truncated to leave room for EOS inside the completion limit, as the trainer does
-    e_logps = target_logps(model, processing_class, [rows[i] for i in has],
-                           [_ids(processing_class, experts[i], max_new_tokens - 1, append_eos=True) for i in has],
-                           batch_size)
-    expert_logps = [torch.zeros(0)] * len(rows)
-    for i, lp in zip(has, e_logps):
-        expert_logps[i] = lp
-    stats = regime(sample_logps, expert_logps, correct, G)
+    samples, correct = sample_logps(model, processing_class, rows, G, max_new_tokens, temperature, batch_size, seed)
+    experts = expert_logps(model, processing_class, rows, max_new_tokens, batch_size, expert_column)
+    if any(not math.isfinite(float(x.sum())) for x in samples + experts):
+        raise ValueError("non-finite log-probabilities: the model's outputs are not usable")
+    stats = regime(samples, experts, correct, G)
+    if stats.get("share_gap_positive"):
+        stats["content_flips"] = slope_flips(samples, experts, None, correct, G, "token")
     stats["settings"] = {"num_generations": G, "max_new_tokens": max_new_tokens, "temperature": temperature,
                          "seed": seed, "expert_column": expert_column}
-    if any(not math.isfinite(float(x.sum())) for x in sample_logps + e_logps):
-        raise ValueError("non-finite log-probabilities: the model's outputs are not usable")
     return stats
 
 
@@ -186,8 +247,12 @@ def format_report(stats: dict) -> str:
         lines += [f"log-prob per token: expert {e['mean']:.2f} ± {e['std']:.2f}, own samples {s['mean']:.2f} ± "
                   f"{s['std']:.2f} (over {stats['prompts_with_expert']} experts)",
                   f"share with gap > 0: token {100 * sh['token']:.1f}% of tokens, sequence {100 * sh['sequence']:.1f}%"
-                  f" of samples, sequence_mean {100 * sh['sequence_mean']:.1f}%",
-                  f"reading: {stats['reading']}"]
+                  f" of samples, sequence_mean {100 * sh['sequence_mean']:.1f}%"]
+        flips = stats.get("content_flips") or {}
+        if flips.get("share") is not None:
+            lines.append(f"expert content: it sets the slope of {100 * flips['share']:.1f}% of the guided tokens "
+                         f"(token gap vs a constant baseline, {flips['units']} tokens of mixed groups)")
+        lines.append(f"reading: {stats['reading']}")
     else:
         lines.append("reading: no row has an expert solution: nothing to calibrate against")
     return "\n".join(lines)
