@@ -10,6 +10,10 @@ Each base is the benchmark's warm start (grid.yaml `sft`) with `mismatched_share
 the probe on the RL training rows (mismatched experts, `n_probe` prompts x G samples at the RL completion
 limit and temperature), and greedy held-out accuracy (the benchmark's final evaluation rows). Results go to
 `benchmarks/results/regime/bases.json`, rewritten after each base, so the study can span sittings.
+
+The warm start is cached by its settings, but the same settings can train other weights on another CPU, so
+each entry records its base's weights fingerprint: the RL grid on a base (benchmarks/regime_grid.yaml) is
+comparable with an entry only where the fingerprints agree (its base.json holds one too).
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ OUT = reproduce.RESULTS_DIR / "regime" / "bases.json"
 
 
 def measure_base(grid: dict, share: float, n_probe: int, threads: int = 1) -> dict:
-    """Warm start at `share` (cached), then its probe and held-out accuracy."""
+    """Warm start at `share` (cached), then where the expert sits for it (the probe), how often the expert's
+    content sets CalibRL's slope (flips against the constant baseline and against the noisy expert, on the
+    same samples), and its held-out accuracy."""
     import torch
 
+    from calibrl import probe
     from calibrl.commands.demo import evaluate_sets, final_eval_rows, warm_start
+    from calibrl.files import weights_fingerprint
     from calibrl.models import load_tiny_model
-    from calibrl.probe import probe
 
     torch.set_num_threads(threads)
     args = reproduce.sft_args(grid)
@@ -43,13 +50,28 @@ def measure_base(grid: dict, share: float, n_probe: int, threads: int = 1) -> di
     model, proc = load_tiny_model(base_dir)
     t = time.time()
     rows = run.training_rows()[:n_probe]
-    stats = probe(model, proc, rows, num_generations=grid["train"]["num_generations"],
-                  max_new_tokens=grid["train"]["max_completion_length"], temperature=grid["train"]["temperature"])
+    noisy_rows = run.training_rows("noisy")[:n_probe]  # the same prompts; ~noise_rate of them a wrong expert
+    G, limit = grid["train"]["num_generations"], grid["train"]["max_completion_length"]
+    samples, correct = probe.sample_logps(model, proc, rows, G, limit, grid["train"]["temperature"])
+    experts = probe.expert_logps(model, proc, rows, limit)
+    noisy = probe.expert_logps(model, proc, noisy_rows, limit)
+    stats = probe.regime(samples, experts, correct, G)
+    stats["content_flips"] = probe.slope_flips(samples, experts, None, correct, G, "token")
+    differs = [a["solution"] != b["solution"] for a, b in zip(rows, noisy_rows)]
+    flips = {"noisy_rows": sum(differs),
+             "token_vs_constant": stats["content_flips"],
+             **{f"{mode}_vs_noisy": probe.slope_flips(samples, experts, noisy, correct, G, mode)
+                for mode in ("token", "sequence")},
+             # only the prompts whose noisy expert differs can flip anything: the same shares among them
+             **{f"{mode}_vs_noisy_where_differs": probe.slope_flips(
+                 samples, [e if d else torch.zeros(0) for e, d in zip(experts, differs)], noisy, correct, G, mode)
+                for mode in ("token", "sequence")}}
     probe_s = time.time() - t
     fe = reproduce.final_eval_args(grid)
     t = time.time()
     results = evaluate_sets(model, proc, final_eval_rows(run, fe), fe)
-    return {"share": share, "base_model": base_dir, "sft": summary, "sft_cached": cached, "probe": stats,
+    return {"share": share, "base_model": base_dir, "base_fingerprint": weights_fingerprint(base_dir), "sft": summary,
+            "sft_cached": cached, "probe": stats, "flips": flips,
             "heldout": {s: {k: v[k] for k in ("accuracy", "stderr", "n", "format_rate")}
                         for s, v in results["by_split"].items()},
             "seconds": {"sft": round(sft_s, 1), "probe": round(probe_s, 1), "eval": round(time.time() - t, 1)},
@@ -70,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     done = reproduce.read_current(out, h) or {"kind": "regime", "settings_hash": h, "quick": args.quick, "bases": {}}
     for share in args.shares:
         key = f"{share:g}"
-        if key in done["bases"]:
+        if "flips" in done["bases"].get(key, {}):  # an entry from before flips were measured is measured again
             print(f"share {key}: done", flush=True)
             continue
         entry = measure_base(grid, share, 8 if args.quick else args.n_probe, args.threads)

@@ -594,14 +594,33 @@ def regime_section(data: dict, studied: bool = False) -> list[str]:
     lines += table(["mismatched share of SFT targets", "SFT step kept", "expert log-prob / token",
                     "own samples' log-prob / token", "gap > 0: token", "gap > 0: sequence",
                     "groups wrong / mixed / right (%)", "held-out test", "held-out ood"], rows)
+    flipped = [b for b in bases if "flips" in b]
+    if flipped:
+        lines += ["", "Where the expert's content reaches the update, on the same samples: the share of guided units "
+                  "(tokens, or samples for the sequence gap, of mixed groups, where |Â| > 0) whose LeakyReLU slope "
+                  "changes when the expert is replaced by the constant baseline (`gap: constant`), or by the noisy "
+                  "expert (the prompts whose noisy solution differs; the others cannot flip). A share near 0 means "
+                  "the expert's content cannot change CalibRL's update on that base.", ""]
+        rows = []
+        for b in flipped:
+            f = b["flips"]
+            cell = lambda d: f"{d['share']:.3f} ({d['units']})" if d.get("share") is not None else "—"  # noqa: E731
+            rows.append([f"{100 * b['share']:g}%", cell(f["token_vs_constant"]), cell(f["token_vs_noisy_where_differs"]),
+                         cell(f["sequence_vs_noisy_where_differs"]), f"{f['noisy_rows']} of {b['probe']['prompts']}",
+                         f"`{b.get('base_fingerprint', '—')}`"])
+        lines += table(["mismatched share of SFT targets", "token gap vs constant", "token gap vs noisy expert",
+                        "sequence gap vs noisy expert", "prompts with a wrong expert", "base weights"], rows)
+        lines += ["", "Share of guided units whose slope flips (units counted in brackets)."]
     zero, grid_base = next((b for b in bases if b["share"] == 0), None), data.get("base")
     if zero and grid_base and zero["sft"]["chosen_step"] != grid_base["sft"]["chosen_step"]:
-        lines += ["", f"The 0% base has the grid's settings but is not the grid's base: trained again here "
-                  f"({zero['machine'].get('torch_threads')} torch thread), it kept step {zero['sft']['chosen_step']} "
-                  f"({_pct(zero['heldout']['test']['accuracy'])} held-out test) where the grid's cached base kept step "
-                  f"{grid_base['sft']['chosen_step']} ({_pct(grid_base['final']['test']['accuracy'])}). Their SFT "
-                  "validation curves part from the first checks on: the warm start reproduces only at the thread "
-                  "count it was made with (floating-point summation order), as the demo does."]
+        lines += ["", f"The 0% base has the grid's settings but is not the grid's base: trained again on "
+                  f"another machine ({zero['machine'].get('cpu_model')}, {zero['machine'].get('torch_threads')} torch "
+                  f"thread), it kept step {zero['sft']['chosen_step']} ({_pct(zero['heldout']['test']['accuracy'])} "
+                  f"held-out test) where the grid's cached base ({grid_base['machine'].get('cpu_model')}) kept step "
+                  f"{grid_base['sft']['chosen_step']} ({_pct(grid_base['final']['test']['accuracy'])}). The warm start "
+                  "reproduces only on the same kind of CPU at the same thread count (floating-point summation order), "
+                  "so each base entry and each RL run records its base's weights fingerprint, and a study compares "
+                  "runs made from one base only."]
     lo, hi = TARGET_SHARE
     inside = [b for b in bases if lo <= b["probe"]["share_gap_positive"]["token"] <= hi]
     lines += ["", "Bases in the target regime (token-gap share between "

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from calibrl.config import SFTArgs
+from calibrl.files import weights_fingerprint
 from calibrl.sft import mix_wordings, sft_rows
 
 
@@ -41,8 +42,22 @@ def test_regime_script_quick_is_resumable(tmp_path, monkeypatch):
     assert set(data["bases"]) == {"0", "0.5"} and data["quick"] is True
     for entry in data["bases"].values():
         assert 0.0 <= entry["probe"]["share_gap_positive"]["token"] <= 1.0 and "test" in entry["heldout"]
+        assert entry["base_fingerprint"] == weights_fingerprint(entry["base_model"])
+        flips = entry["flips"]
+        assert flips["token_vs_constant"] == entry["probe"]["content_flips"]
+        assert 0 <= flips["noisy_rows"] <= entry["probe"]["prompts"]
+        for name in ("token_vs_noisy", "sequence_vs_noisy", "token_vs_noisy_where_differs",
+                     "sequence_vs_noisy_where_differs", "token_vs_constant"):
+            share = flips[name]["share"]
+            assert share is None or 0.0 <= share <= 1.0
+        # flips against the noisy expert can only happen where it differs: the same units, counted on fewer prompts
+        where, overall = flips["token_vs_noisy_where_differs"], flips["token_vs_noisy"]
+        assert where["units"] <= overall["units"]
+        if where["units"] and overall["share"] is not None:
+            assert where["share"] * where["units"] == pytest.approx(overall["share"] * overall["units"])
     section = "\n".join(report.regime_section({"regime": data, "base": None}))
     assert "| 0% |" in section and "| 50% |" in section and "Bases in the target regime" in section
+    assert "token gap vs noisy expert" in section
     stamp = out.stat().st_mtime_ns
     assert regime.main(["--quick", "--out", str(out), "--shares", "0"]) == 0  # done already: nothing redone
     assert out.stat().st_mtime_ns == stamp
