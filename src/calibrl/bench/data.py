@@ -17,8 +17,8 @@ from typing import Any
 
 from PIL import Image
 
-__all__ = ["BenchDataError", "ImageRef", "Item", "find_files", "read_json_rows", "read_parquet_rows",
-           "require_columns", "image_ref"]
+__all__ = ["BenchDataError", "ImageRef", "Item", "find_files", "read_json_keyed", "read_json_rows",
+           "read_parquet_rows", "require_columns", "image_ref"]
 
 
 class BenchDataError(ValueError):
@@ -86,13 +86,33 @@ def read_parquet_rows(path: str, bench: str, columns: list[str] | None = None) -
     return table.to_pylist()
 
 
-def read_json_rows(path: str, bench: str) -> list[dict]:
-    """Rows of a JSON file (a list, or a dict of id -> row) or of a JSONL file."""
+def _read_text(path: str, bench: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise BenchDataError(f"{bench}: cannot read {path} ({type(e).__name__})") from None
+
+
+def _parse_json(text: str, path: str, bench: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BenchDataError(f"{bench}: {path} is not valid JSON (line {e.lineno}: {e.msg}; truncated?)") from None
+
+
+def read_json_keyed(path: str, bench: str) -> list[tuple[str, dict]]:
+    """(id, row) pairs of a JSON file holding a dict of id -> row (GeoEval's files); a list gets its indices."""
+    data = _parse_json(_read_text(path, bench), path, bench)
+    pairs = list(data.items()) if isinstance(data, dict) else list(enumerate(data)) if isinstance(data, list) else None
+    if pairs is None or not all(isinstance(row, dict) for _, row in pairs):
+        raise BenchDataError(f"{bench}: {path} does not hold a list of rows")
+    return [(str(key), row) for key, row in pairs]
+
+
+def read_json_rows(path: str, bench: str) -> list[dict]:
+    """Rows of a JSON file (a list, or a dict of id -> row) or of a JSONL file."""
+    text = _read_text(path, bench)
     if path.endswith(".jsonl"):
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -102,10 +122,7 @@ def read_json_rows(path: str, bench: str) -> list[dict]:
                 except json.JSONDecodeError as e:
                     raise BenchDataError(f"{bench}: {path} line {n} is not JSON ({e.msg})") from None
     else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BenchDataError(f"{bench}: {path} is not valid JSON (line {e.lineno}: {e.msg}; truncated?)") from None
+        data = _parse_json(text, path, bench)
         rows = list(data.values()) if isinstance(data, dict) else data
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise BenchDataError(f"{bench}: {path} does not hold a list of rows")

@@ -6,7 +6,8 @@ parser, number parsing, math-verify equality) and add what benchmarks need beyon
 
 - `extract_final`: the `<answer>` tag, else the last `\\boxed{}`, else the last "answer is X" / "Answer: X";
 - `choice_of`: the option an answer picks, by letter (`B`, `(B)`, `B. text`) or by option text;
-- `match_numeric`: a number at the benchmark's precision (MathVista's integer / float answers) and unit;
+- `match_numeric`: a number at the benchmark's precision (MathVista's integer / float answers) and unit, or
+  within an absolute tolerance (GeoEval's);
 - `match_list`: lists compared element by element;
 - `match_expression`: units dropped, then `calibrl.rewards.is_correct` (string, number, math-verify);
 - `match_mmmu_open`: MMMU's open-question rule (numbers to 2 decimals, else the gold text as a substring).
@@ -138,12 +139,15 @@ def numbers_in(s: str) -> list[float]:
 
 
 def match_numeric(pred: str | None, gold: Any, precision: float | None = None, integer: bool = False,
-                  unit: str | None = None) -> bool:
+                  unit: str | None = None, abs_tol: float | None = None) -> bool:
     """A numeric answer: integers compared after `int()` (MathVista's rule), floats after rounding both to
-    `precision` decimals, otherwise within a relative tolerance of 1e-6."""
+    `precision` decimals, within `abs_tol` when given (GeoEval's rule), otherwise within a relative tolerance
+    of 1e-6."""
     p, g = parse_number(pred, unit), parse_number(gold, unit)
     if p is None or g is None:
         return False
+    if abs_tol is not None:
+        return abs(p - g) < abs_tol
     if integer:
         return int(p) == int(g)
     if precision is not None and not (isinstance(precision, float) and math.isnan(precision)):
