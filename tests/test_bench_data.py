@@ -72,6 +72,72 @@ def test_geoqa_fixture_is_r1v_jsonl_with_an_image_folder(bench_dir):
     assert all(os.path.isfile(os.path.join(bench_dir, "GeoQA", r["image_path"])) for r in rows)
 
 
+def test_geoeval_fixture_is_the_release_json_with_an_image_folder(bench_dir):
+    # as the release's code reads LLM_eval/dataset_merge/*.json: one object per subset, problem id -> row
+    folder = os.path.join(bench_dir, "GeoEval")
+    for file in ("select.json", "aug.json", "backward_aug.json", "solid.json"):
+        data = json.load(open(os.path.join(folder, "dataset_merge", file), encoding="utf-8"))
+        assert isinstance(data, dict) and all(isinstance(k, str) for k in data)
+        for row in data.values():
+            assert set(row) >= {"dataset_name", "diagram_name", "diagram_description", "text", "choice_list",
+                                "answer_value", "solution", "geometry_shape"}
+            assert isinstance(row["text"]["Num_Exp"], str) and isinstance(row["answer_value"], (str, float))
+            assert row["choice_list"] is None or all(isinstance(c, str) for c in row["choice_list"])
+            assert row["diagram_description"] is None or {"structure", "semantic"} <= set(row["diagram_description"])
+            if row["diagram_name"] is not None:
+                assert os.path.isfile(os.path.join(folder, "images", row["diagram_name"]))
+    aug = json.load(open(os.path.join(folder, "dataset_merge", "aug.json"), encoding="utf-8"))
+    assert all(isinstance(r["text"]["aug_problem"], str) for r in aug.values())
+    back = json.load(open(os.path.join(folder, "dataset_merge", "backward_aug.json"), encoding="utf-8"))
+    assert all(isinstance(r["backward_text"], str) and isinstance(r["backward_answer_value"], str)
+               and "backward_semantic" in r["diagram_description"] for r in back.values())
+
+
+@pytest.mark.parametrize("split, n", [("main", 5), ("aug", 1), ("backward", 1), ("hard", 1), ("all", 8)])
+def test_geoeval_loads_each_subset_with_and_without_diagrams(bench_dir, split, n):
+    items = load_benchmark("geoeval", bench_dir, split=split)
+    assert len(items) == n and len({it.id for it in items}) == n
+    for it in items:
+        assert it.prompt_text().endswith("<answer> </answer> tags.")
+        assert all(ref.load().size == (64, 48) for ref in it.images)
+        assert len(it.images) == (1 if it.meta["input"] == "diagram" else 0)
+    assert load_benchmark("geoeval", bench_dir) == load_benchmark("geoeval", bench_dir, split="main")
+
+
+def test_geoeval_reads_a_relative_bench_dir(bench_dir, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(bench_dir))
+    items = load_benchmark("geoeval", os.path.basename(bench_dir))
+    assert [ref.load().size for it in items for ref in it.images] == [(64, 48)] * 3
+
+
+def test_geoeval_renders_the_release_prompt_and_reads_each_subsets_gold(bench_dir):
+    main_items = {it.id: it for it in load_benchmark("geoeval", bench_dir)}
+    first = main_items["1"]
+    assert first.prompt_text().startswith("<image>Find x.\nThe Choices are: [5, 7.5, 10, 12.5]\nYou FIRST think")
+    assert first.gold == "7.5" and first.meta["gold_letter"] == "B"
+    assert main_items["2"].gold == "50" and main_items["4"].options == [] and main_items["4"].kind == "expression"
+    assert main_items["3"].images == [] and main_items["3"].prompt_text().startswith("the side of a square")
+    assert BENCHMARKS["geoeval"].groups(first) == {"subset": ["GeoEval-2000"], "source": ["PGPS9K"],
+                                                   "input": ["diagram"], "shape": ["Line"]}
+    (aug,) = load_benchmark("geoeval", bench_dir, split="aug")
+    assert "Determine the value of x" in aug.prompt_text() and aug.gold == "7.5"
+    (back,) = load_benchmark("geoeval", bench_dir, split="backward")
+    assert "Now please answer what is the value of x?" in back.prompt_text() and back.gold == "5"
+    assert back.options == [] and "The Choices are" not in back.prompt_text()
+    (hard,) = load_benchmark("geoeval", bench_dir, split="hard")
+    assert hard.gold == "24" and hard.meta["gold_letter"] == "B"  # the gold letter B is the option 24
+    ids = {it.id for it in load_benchmark("geoeval", bench_dir, split="all")}
+    assert {"main/1", "aug/1", "backward/1", "hard/1"} <= ids
+
+
+def test_geoeval_diagram_description_when_asked(bench_dir, monkeypatch):
+    monkeypatch.setattr(BENCHMARKS["geoeval"], "with_description", True)
+    first = load_benchmark("geoeval", bench_dir)[0]
+    assert "Here are the basic description of the diagram: line A B C\nAB = 5, BC = x\nFind x." in first.prompt_text()
+    (back,) = load_benchmark("geoeval", bench_dir, split="backward")
+    assert "AB = x, BC = 2.5" in back.prompt_text()  # the backward subset's own description
+
+
 @pytest.mark.parametrize("name, n", [("mathvista", 6), ("mathverse", 7), ("mathvision", 4), ("mmmu", 4),
                                      ("wemath", 7), ("geometry3k", 3), ("geoqa", 3), ("scienceqa", 3)])
 def test_every_benchmark_loads_its_fixture(bench_dir, name, n):
@@ -132,8 +198,9 @@ def test_limit_and_split_override(bench_dir, tmp_path):
 def test_resolve_names():
     assert resolve_names(["paper"]) == list(PAPER)
     assert resolve_names(["mmmu,MathVista", "mmmu"]) == ["mmmu", "mathvista"]
-    with pytest.raises(ValueError, match="unknown benchmark 'geoeval'"):
-        resolve_names("geoeval")
+    assert resolve_names(["paper"])[:3] == ["geoeval", "geometry3k", "geoqa"]  # the paper's in-domain columns
+    with pytest.raises(ValueError, match="unknown benchmark 'geomverse'"):
+        resolve_names("geomverse")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -195,6 +262,40 @@ def test_bad_image_and_bad_gold_name_the_row(capsys, bench_dir, tmp_path):
     _cli_error(capsys, _eval(copy, "mathvista", tmp_path), "mathvista:", "pid 1", "'9/11' is not one of the choices")
 
 
+def test_geoeval_missing_truncated_or_malformed_copy_names_the_file_and_problem(capsys, bench_dir, tmp_path):
+    copy = copy_of(bench_dir, tmp_path)
+    merged = copy / "GeoEval" / "dataset_merge"
+    _cli_error(capsys, _eval(copy, "geoeval", tmp_path) + ["--bench-split", "geoeval=test"], "geoeval: no split 'test'")
+    os.remove(copy / "GeoEval" / "images" / "geoqa_2.png")
+    _cli_error(capsys, _eval(copy, "geoeval", tmp_path), "select.json problem 2", "diagram geoqa_2.png not found",
+               "looked in dataset_merge/, dataset_merge/images/, ./, images/")
+    shutil.copy(os.path.join(bench_dir, "GeoEval", "images", "geoqa_2.png"), copy / "GeoEval" / "images")
+    rows = json.loads((merged / "select.json").read_text(encoding="utf-8"))
+    del rows["3"]["answer_value"]
+    (merged / "select.json").write_text(json.dumps(rows), encoding="utf-8")
+    _cli_error(capsys, _eval(copy, "geoeval", tmp_path), "select.json problem 3 has no field 'answer_value'")
+    rows = json.loads((merged / "aug.json").read_text(encoding="utf-8"))
+    rows["1"]["text"] = {"Num_Exp": "Find x."}  # an aug row without its rephrased problem
+    (merged / "aug.json").write_text(json.dumps(rows), encoding="utf-8")
+    _cli_error(capsys, _eval(copy, "geoeval", tmp_path) + ["--bench-split", "geoeval=aug"],
+               "aug.json problem 1", "'text' has no 'aug_problem'")
+    rows = json.loads((merged / "solid.json").read_text(encoding="utf-8"))
+    rows["1"]["answer_value"] = None
+    (merged / "solid.json").write_text(json.dumps(rows), encoding="utf-8")
+    _cli_error(capsys, _eval(copy, "geoeval", tmp_path) + ["--bench-split", "geoeval=hard"],
+               "solid.json problem 1: 'answer_value' is not an answer (got None)")
+    path = merged / "backward_aug.json"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    _cli_error(capsys, _eval(copy, "geoeval", tmp_path) + ["--bench-split", "geoeval=backward"],
+               "geoeval:", "backward_aug.json is not valid JSON", "truncated?")
+    os.remove(path)
+    _cli_error(capsys, _eval(copy, "geoeval", tmp_path) + ["--bench-split", "geoeval=backward"],
+               "geoeval: no dataset_merge/backward_aug.json")
+    shutil.rmtree(copy / "GeoEval")
+    _cli_error(capsys, _eval(copy, "geoeval", tmp_path), "geoeval: no folder GeoEval", "github.com/GeoEval/GeoEval")
+    assert not (tmp_path / "out").exists()  # nothing was generated or written
+
+
 def test_mmmu_placeholder_without_its_image(capsys, bench_dir, tmp_path):
     copy = copy_of(bench_dir, tmp_path)
     path = copy / "MMMU" / "Math" / "validation-00000-of-00001.parquet"
@@ -207,7 +308,7 @@ def test_mmmu_placeholder_without_its_image(capsys, bench_dir, tmp_path):
 
 def test_bench_flags_errors(capsys, bench_dir, tmp_path):
     _cli_error(capsys, ["eval", "tiny:qwen2_5_vl:nano", "--bench", "mathvista"], "--bench needs --bench-dir")
-    _cli_error(capsys, _eval(bench_dir, "geoeval", tmp_path), "unknown benchmark 'geoeval'")
+    _cli_error(capsys, _eval(bench_dir, "geomverse", tmp_path), "unknown benchmark 'geomverse'")
     _cli_error(capsys, _eval(bench_dir, "mathvista", tmp_path) + ["--bench-split", "mathvista"], "NAME=SPLIT")
     _cli_error(capsys, _eval(bench_dir, "mathvista", tmp_path) + ["--n", "-1"], "limit=-1")
     _cli_error(capsys, ["eval", "a", "b", "--data", "task:digits"], "several checkpoints need --bench")

@@ -71,10 +71,14 @@ def oracle_answers(bench_dir, right: set[str] | None = None, wrong: set[str] | N
         ("geometry3k", "2401"): "B", ("geometry3k", "2403"): "40/3",
         ("geoqa", "0"): "140^\\circ", ("geoqa", "1"): "3 cm", ("geoqa", "2"): "9",
         ("scienceqa", "test-00000-of-00001.parquet:0"): "duck",
+        ("geoeval", "main/1"): "B", ("geoeval", "main/2"): "50°", ("geoeval", "main/3"): "(B) 16",
+        ("geoeval", "main/4"): "\\sqrt{32}", ("geoeval", "main/5"): "2.3094", ("geoeval", "hard/1"): "B",
     }
     answers = {}
-    for name in ("mathvista", "mathverse", "mathvision", "mmmu", "wemath", "geometry3k", "geoqa", "scienceqa"):
-        for item in load_benchmark(name, bench_dir):
+    for name in ("mathvista", "mathverse", "mathvision", "mmmu", "wemath", "geometry3k", "geoqa", "scienceqa",
+                 "geoeval"):
+        # GeoEval: every subset (ids "main/1", ...); its default split asks the same questions as main/*
+        for item in load_benchmark(name, bench_dir, split="all" if name == "geoeval" else None):
             key = (name, item.id)
             answers[_key(_text(item), [ref.load() for ref in item.images])] = "Z" if wrong and key in wrong else forms.get(key, str(item.gold))
     return answers
@@ -93,6 +97,31 @@ def test_oracle_scores_every_benchmark_full_and_reports_its_own_metrics(bench_di
     assert set(results["mathvista"]["breakdowns"]) == {"task", "skill", "question_type"}
     assert set(results["mmmu"]["breakdowns"]["discipline"]) == {"Art and Design", "Science"}
     assert results["mathvista"]["format_rate"] == 1.0 and results["mathvista"]["answered_rate"] == 1.0
+    assert set(results["geoeval"]["breakdowns"]) == {"subset", "source", "input", "shape"}
+    assert results["geoeval"]["breakdowns"]["input"] == {"diagram": {"n": 3, "accuracy": 1.0},
+                                                         "text": {"n": 2, "accuracy": 1.0}}
+
+
+def test_geoeval_every_subset_with_the_release_breakdowns(bench_dir, tmp_path):
+    # a text-only problem and the hard problem answered wrongly; the 2000-set's UniGeo value just outside 1e-3
+    wrong = {("geoeval", "main/3"), ("geoeval", "hard/1")}
+    answers = oracle_answers(bench_dir, wrong=wrong)
+    fifth = next(it for it in load_benchmark("geoeval", bench_dir, split="all") if it.id == "main/5")
+    answers[_key(_text(fifth), [ref.load() for ref in fifth.images])] = "2.312"
+    scripted = Scripted(answers)
+    report = evaluate_benchmarks("m", "geoeval", bench_dir, str(tmp_path), BenchSettings(splits={"geoeval": "all"}),
+                                 progress=False, generator_factory=scripted.factory)
+    s = report["results"]["m"]["geoeval"]
+    assert s["n"] == 8 and s["accuracy"] == pytest.approx(5 / 8)
+    b = s["breakdowns"]
+    assert b["subset"] == {"GeoEval-2000": {"n": 5, "accuracy": 0.6}, "GeoEval-aug": {"n": 1, "accuracy": 1.0},
+                           "GeoEval-backward": {"n": 1, "accuracy": 1.0}, "GeoEval-hard": {"n": 1, "accuracy": 0.0}}
+    assert b["input"]["text"] == {"n": 2, "accuracy": 0.5}  # the release's T; "diagram" is its A
+    assert b["input"]["diagram"] == {"n": 6, "accuracy": pytest.approx(4 / 6)}
+    assert b["source"]["MathQA"]["accuracy"] == 0.0 and b["source"]["PGPS9K"] == {"n": 3, "accuracy": 1.0}
+    rows = read_jsonl(report["predictions"]["m"]["geoeval"])
+    assert {r["id"] for r in rows if not r["correct"]} == {"main/3", "main/5", "hard/1"}
+    assert json.load(open(tmp_path / "m" / "geoeval.settings.json"))["split"] == "all"
 
 
 def test_wemath_metrics_and_breakdowns_follow_the_rows(bench_dir, tmp_path):
@@ -214,16 +243,18 @@ def test_cli_eval_bench_paper_with_tiny_models(bench_dir, tiny_vlm_dir, tmp_path
             "--out", str(out), "--max_new_tokens", "6", "--batch_size", "4", "--no_progress"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    for name in ("geometry3k", "geoqa", "mathvista", "mathverse", "mathvision", "mmmu", "wemath", "scienceqa",
-                 "version: Vision Only", "discipline: Science", "skill: arithmetic reasoning", "score (strict)"):
+    for name in ("geoeval", "geometry3k", "geoqa", "mathvista", "mathverse", "mathvision", "mmmu", "wemath",
+                 "scienceqa", "version: Vision Only", "discipline: Science", "skill: arithmetic reasoning",
+                 "score (strict)", "input: text"):
         assert name in printed, name
     report = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    assert len(report["models"]) == 2 and report["benchmarks"][0] == "geometry3k"
+    assert len(report["models"]) == 2 and report["benchmarks"][0] == "geoeval"
     for model in report["models"]:
         for name, path in report["predictions"][model].items():
             rows = read_jsonl(path)
             assert len(rows) == report["results"][model][name]["n"]
-            assert all(r["completion"] is not None and "<image>" in r["prompt"] for r in rows)
+            # every prompt shows its image(s), but GeoEval's text-only problems (its "T" column) have none
+            assert all(r["completion"] is not None and ("<image>" in r["prompt"] or name == "geoeval") for r in rows)
             # the reported accuracy is the share of correct rows in the file
             assert report["results"][model][name]["accuracy"] == sum(r["correct"] for r in rows) / len(rows)
     # a second run finds every prediction in place: it generates nothing and reports the same

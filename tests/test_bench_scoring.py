@@ -3,6 +3,7 @@ accepted answers, and We-Math's four-dimensional metrics. Each table row is (ans
 
 import pytest
 
+from calibrl.bench import BENCHMARKS
 from calibrl.bench.base import judge
 from calibrl.bench.data import Item
 from calibrl.bench.scoring import (choice_of, extract_final, gold_list, match_expression, match_list, match_mmmu_open,
@@ -123,6 +124,42 @@ def test_match_list(answer, ok):
 ])
 def test_match_expression(answer, gold, ok):
     assert match_expression(answer, gold) is ok
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GeoEval: the option (letter or text), else the value within the release's 1e-3, else math-verify
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("answer, gold, ok", [
+    ("2.31", "2.31", True), ("2.3094", "2.31", True), ("2.3109", "2.31", True),  # |d| < 1e-3, on both sides
+    ("2.3085", "2.31", False), ("2.32", "2.31", False), ("2.3115", "2.31", False),
+    ("50°", "50", True), ("50 cm", "50", True), ("\\frac{15}{2}", "7.5", True),
+])
+def test_match_numeric_within_an_absolute_tolerance(answer, gold, ok):
+    assert match_numeric(answer, gold, abs_tol=1e-3) is ok
+
+
+def geoeval_item(gold, options=(), letter=None):
+    kind = "numeric" if parse_number(gold) is not None else "expression"
+    return Item(id="x", segments=["q"], gold=gold, kind=kind, options=list(options), meta={"gold_letter": letter})
+
+
+@pytest.mark.parametrize("answer, ok", [
+    ("50", True), ("50°", True), ("50^\\circ", True), ("50.0004", True), ("B", True), ("(B)", True),
+    ("(B) 50°", True), ("The answer is B", True),
+    ("A", False), ("40°", False), ("51", False), ("B or C", False), ("", False), (None, False),
+])
+def test_geoeval_multiple_choice_by_letter_or_value(answer, ok):
+    it = geoeval_item("50", ["40°", "50°", "60°", "70°"], "B")
+    assert BENCHMARKS["geoeval"].judge(it, answer) is ok
+
+
+@pytest.mark.parametrize("answer, gold, ok", [
+    ("4\\sqrt{2}", "4\\sqrt{2}", True), ("\\sqrt{32}", "4\\sqrt{2}", True), ("5.66", "4\\sqrt{2}", False),
+    ("5", "5", True), ("x = 5", "5", True), ("5.0", "5", True), ("6", "5", False),
+    ("4/\\sqrt{3}", "2.31", False),  # a symbolic answer to a decimal gold: float() fails in the release too
+])
+def test_geoeval_free_form_values_and_expressions(answer, gold, ok):
+    assert BENCHMARKS["geoeval"].judge(geoeval_item(gold), answer) is ok
 
 
 def test_geometry3k_accepts_the_option_letter_too():

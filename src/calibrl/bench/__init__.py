@@ -3,7 +3,7 @@
     calibrl eval MODEL [MODEL ...] --bench paper --bench-dir DIR [--out OUT]
 
 `registry.BENCHMARKS` maps a name to a `Benchmark` (one module per family: mathvista, mathverse,
-mathvision, mmmu, wemath, geometry, scienceqa); `scoring` holds the shared rule-based matchers;
+mathvision, mmmu, wemath, geoeval, geometry, scienceqa); `scoring` holds the shared rule-based matchers;
 `runner.evaluate_benchmarks` generates (resumably, one JSONL row per question) and scores; `command`
 wires it to `calibrl eval`. docs/EVALUATION.md states every rule.
 """

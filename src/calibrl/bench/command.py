@@ -16,13 +16,14 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark flags of `calibrl eval` (its --k, --num_samples, --max_new_tokens, --batch_size, --n and
     --out are shared with the --data path)."""
     g = p.add_argument_group("benchmarks (--bench)")
-    g.add_argument("--bench", default=None, help="benchmarks to run, comma-separated: geometry3k, geoqa, mathvista, "
-                   "mathverse, mathvision, mmmu, wemath, scienceqa, or paper (all of them)")
+    g.add_argument("--bench", default=None, help="benchmarks to run, comma-separated: geoeval, geometry3k, geoqa, "
+                   "mathvista, mathverse, mathvision, mmmu, wemath, scienceqa, or paper (all of them)")
     g.add_argument("--bench-dir", "--bench_dir", dest="bench_dir", default=None,
                    help="folder holding one local copy per benchmark, as published (e.g. DIR/MathVista/data/...)")
     g.add_argument("--bench-split", "--bench_split", dest="bench_split", nargs="+", default=[], metavar="NAME=SPLIT",
-                   help="another split than the default (mathvista=testmini, mathverse=testmini, mathvision=test, "
-                        "mmmu=validation, wemath=testmini, geometry3k=test, geoqa=test, scienceqa=test)")
+                   help="another split than the default (geoeval=main, also backward, aug, hard or all; "
+                        "mathvista=testmini, mathverse=testmini, mathvision=test, mmmu=validation, "
+                        "wemath=testmini, geometry3k=test, geoqa=test, scienceqa=test)")
     g.add_argument("--vllm", action="store_true", help="generate with vLLM (GPU; needs calibrl[vllm])")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the pass@k samples")
     g.add_argument("--seed", type=int, default=0, help="seed of the pass@k samples")

@@ -2,9 +2,9 @@
 
 For tests and for the README example (scripts/make_bench_fixtures.py): the files, folders, column names,
 types and image storage (Hugging Face `Image` structs in parquet, image files beside JSON/JSONL) are the
-releases' own, as their dataset cards describe; the questions and pictures are made up, so nothing here
-is benchmark content. `write_fixtures(folder)` writes one sub-folder per benchmark, as `--bench-dir`
-expects.
+releases' own, as their dataset cards describe (GeoEval, which has none: as its release's code reads them);
+the questions and pictures are made up, so nothing here is benchmark content. `write_fixtures(folder)`
+writes one sub-folder per benchmark, as `--bench-dir` expects.
 """
 
 from __future__ import annotations
@@ -217,6 +217,61 @@ def _geometry3k(root: str) -> None:
     _parquet(rows, features, os.path.join(root, "geometry3k", "data", "test-00000-of-00001.parquet"))
 
 
+def _geoeval(root: str) -> None:
+    folder = os.path.join(root, "GeoEval")
+    os.makedirs(os.path.join(folder, "dataset_merge"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+
+    def row(source, problem, choices, answer, diagram=None, structure=None, semantic=None, shape=None, **extra):
+        if diagram:
+            _picture(diagram.split(".")[0], "black").save(os.path.join(folder, "images", diagram))
+        out = {"dataset_name": source, "diagram_name": diagram,
+               "diagram_description": {"structure": structure, "semantic": semantic} if structure else None,
+               "text": {"Num_Exp": problem}, "choice_list": choices, "answer_value": answer,
+               "solution": {"program": None, "equation": None, "cot": None},
+               "formal_knowledge_point": None, "knowledge_point": None, "geometry_shape": shape}
+        for key, value in extra.items():
+            if key == "aug_problem":
+                out["text"]["aug_problem"] = value
+            elif key == "backward_semantic":
+                out["diagram_description"]["backward_semantic"] = value
+            else:
+                out[key] = value
+        return out
+
+    subsets = {
+        "select.json": {
+            "1": row("PGPS9K", "Find x.", ["5", "7.5", "10", "12.5"], "7.5", "pgps_1.png", ["line A B C"],
+                     ["AB = 5", "BC = x"], "Line"),
+            "2": row("GeoQA+", "As shown in the figure, AB is parallel to CD and angle 1 = 130.0, then angle 2 is ()",
+                     ["40°", "50°", "60°", "70°"], 50.0, "geoqa_2.png", shape="Angle"),
+            "3": row("MathQA", "the side of a square is 4 cm . what is its area ?", ["8", "16", "12", "20"], "16",
+                     shape="Quad"),
+            "4": row("MATH-Geometry", "A right isosceles triangle has legs of length 4. How long is its hypotenuse?",
+                     None, "4\\sqrt{2}", shape="Triangle"),
+            "5": row("UniGeo", "In triangle ABC, angle C = 90.0, angle A = 30.0, AB = 4.62, find BC.",
+                     ["1.15", "2.31", "3.46", "4.62"], 2.31, "unigeo_5.png", shape="Triangle"),
+        },
+        "aug.json": {
+            "1": row("PGPS9K", "Find x.", ["5", "7.5", "10", "12.5"], "7.5", "pgps_1.png", ["line A B C"],
+                     ["AB = 5", "BC = x"], "Line", aug_problem="Determine the value of x shown in the figure."),
+        },
+        "backward_aug.json": {
+            "1": row("PGPS9K", "Find x.", ["5", "7.5", "10", "12.5"], "7.5", "pgps_1.png", ["line A B C"],
+                     ["AB = 5", "BC = x"], "Line", backward_semantic=["AB = x", "BC = 2.5"],
+                     backward_text="Find AC. The correct answer is 7.5. Now please answer what is the value of x?",
+                     backward_answer_value="5"),
+        },
+        "solid.json": {
+            "1": row(None, "As shown in the figure, the edge of the cube is 2. What is the sum of its edges?",
+                     ["8", "24", "16", "12"], "B", "solid_1.png", shape="Cube"),
+        },
+    }
+    for file, rows in subsets.items():
+        with open(os.path.join(folder, "dataset_merge", file), "w", encoding="utf-8") as f:
+            json.dump(rows, f, ensure_ascii=False, indent=2)
+
+
 def _geoqa(root: str) -> None:
     folder = os.path.join(root, "GeoQA")
     os.makedirs(os.path.join(folder, "Geo170K", "images", "test"), exist_ok=True)
@@ -250,7 +305,8 @@ def _scienceqa(root: str) -> None:
 
 
 WRITERS = {"mathvista": _mathvista, "mathverse": _mathverse, "mathvision": _mathvision, "mmmu": _mmmu,
-           "wemath": _wemath, "geometry3k": _geometry3k, "geoqa": _geoqa, "scienceqa": _scienceqa}
+           "wemath": _wemath, "geoeval": _geoeval, "geometry3k": _geometry3k, "geoqa": _geoqa,
+           "scienceqa": _scienceqa}
 
 
 def write_fixtures(folder: str, names: list[str] | None = None) -> str:

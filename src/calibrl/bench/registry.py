@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from calibrl.bench.base import Benchmark
+from calibrl.bench.geoeval import GeoEval
 from calibrl.bench.geometry import GeoQA, Geometry3K
 from calibrl.bench.mathverse import MathVerse
 from calibrl.bench.mathvision import MathVision
@@ -11,10 +12,10 @@ from calibrl.bench.mmmu import MMMU
 from calibrl.bench.scienceqa import ScienceQA
 from calibrl.bench.wemath import WeMath
 
-BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (Geometry3K(), GeoQA(), MathVista(), MathVerse(), MathVision(),
-                                                        MMMU(), WeMath(), ScienceQA())}
-# The paper's columns we can read: in-domain geometry, then out-of-domain. GeoEval is not implemented yet.
-PAPER = ("geometry3k", "geoqa", "mathvista", "mathverse", "mathvision", "mmmu", "wemath", "scienceqa")
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (GeoEval(), Geometry3K(), GeoQA(), MathVista(), MathVerse(),
+                                                        MathVision(), MMMU(), WeMath(), ScienceQA())}
+# The paper's columns we can read, in its order: in-domain geometry, then out-of-domain.
+PAPER = ("geoeval", "geometry3k", "geoqa", "mathvista", "mathverse", "mathvision", "mmmu", "wemath", "scienceqa")
 
 
 def resolve_names(names: list[str] | str) -> list[str]:
