@@ -16,6 +16,8 @@ import os
 from dataclasses import asdict
 from typing import Any
 
+from calibrl.storage import atomic_write_text
+
 __all__ = ["build_report", "format_markdown", "format_table", "write_report"]
 
 # Display names, in the order We-Math's release reports them.
@@ -143,8 +145,5 @@ def write_report(report: dict, out_dir: str) -> tuple[str, str]:
     json_path, md_path = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")
     for path, text in ((json_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n"),
                        (md_path, format_markdown(report))):
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     return json_path, md_path

@@ -24,6 +24,7 @@ from calibrl.bench.base import Benchmark
 from calibrl.bench.data import BenchDataError, ImageRef, Item
 from calibrl.bench.registry import BENCHMARKS, resolve_names
 from calibrl.bench.scoring import extract_final
+from calibrl.storage import atomic_write_text
 
 __all__ = ["BenchSettings", "evaluate_benchmarks", "hf_generator", "load_benchmark", "model_slug", "summarize",
            "vllm_generator"]
@@ -212,11 +213,7 @@ def _check_settings(path: str, identity: dict) -> None:
 
 
 def _write_json(path: str, data: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _score_row(bench: Benchmark, item: Item, row: dict) -> dict:
@@ -367,8 +364,4 @@ def _generate_into(path: str, bench: Benchmark, todo: list[Item], generator: tup
 
 
 def _rewrite(path: str, rows: dict[str, dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows.values():
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows.values()))
