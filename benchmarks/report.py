@@ -633,6 +633,23 @@ def regime_section(data: dict, studied: bool = False) -> list[str]:
     return lines
 
 
+def base_consistency(runs: list[dict], base: dict | None, measured: dict | None) -> str:
+    """One sentence: whether the study's runs, its base.json and the regime entry describe one base model
+    (by weights fingerprint; results from before fingerprints were recorded carry none)."""
+    fp = (base or {}).get("base_fingerprint")
+    seen = {r.get("base_fingerprint") for r in runs} - {None}
+    unmarked = sum(1 for r in runs if r.get("base_fingerprint") is None)
+    if fp is None:
+        return "Its base carries no weights fingerprint, so which base each run used cannot be checked."
+    text = (f"All runs with a fingerprint were made from this base (`{fp}`)" if seen <= {fp}
+            else f"**The runs come from {len(seen | {fp})} different base models**: compare them with care")
+    text += f"; {unmarked} run(s) predate fingerprints." if unmarked else "."
+    if measured is not None:
+        text += (" The regime measurement below is of the same base." if measured.get("base_fingerprint") == fp
+                 else " **The regime measurement below is of another base** (the warm start trained again elsewhere).")
+    return text
+
+
 def load_regime_studies(results_dir: Path) -> dict[float, dict]:
     """share -> the loaded RL grid on that base (`load`), for each study whose results folder exists."""
     out = {}
@@ -675,6 +692,7 @@ def regime_runs_section(studies: dict[float, dict], main_cells: dict, regime: di
         if data["base"]:
             f = data["base"]["final"]
             lines[-1] += f" Base model before RL: {_pct(f['test']['accuracy'])} in-domain, {_pct(f['ood']['accuracy'])} ood."
+        lines[-1] += " " + base_consistency(data["runs"], data["base"], (regime or {}).get("bases", {}).get(f"{share:g}"))
         if probe:
             lines[-1] += (f" Where the expert sits before RL: token gap > 0 for {probe['share_gap_positive']['token']:.2f}"
                           f" of sample tokens, sequence gap > 0 for {probe['share_gap_positive']['sequence']:.2f} of "

@@ -83,6 +83,18 @@ def _run(cell: str, seed: int, test: float) -> dict:
     return {"cell": cell, "seed": seed, "final": {"test": {"accuracy": test / 100}, "ood": {"accuracy": 0.05}}}
 
 
+def test_base_consistency_names_runs_from_another_base():
+    from benchmarks.report import base_consistency
+
+    base = {"base_fingerprint": "aaa"}
+    runs = [{"base_fingerprint": "aaa"}, {"base_fingerprint": "aaa"}, {}]
+    text = base_consistency(runs, base, {"base_fingerprint": "aaa"})
+    assert "made from this base (`aaa`)" in text and "1 run(s) predate" in text and "of the same base" in text
+    text = base_consistency(runs + [{"base_fingerprint": "bbb"}], base, {"base_fingerprint": "ccc"})
+    assert "2 different base models" in text and "of another base" in text
+    assert "cannot be checked" in base_consistency(runs, {}, None)
+
+
 def test_regime_runs_section_pairs_by_seed_and_says_how_partial(tmp_path):
     from benchmarks import report, reproduce
 
