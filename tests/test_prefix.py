@@ -15,7 +15,7 @@ from trl.trainer.utils import add_fused_lm_head
 from calibrl import prefix
 from calibrl.models import load_tiny_model
 
-from helpers import INSTRUCTION, assert_same_params, digit_rows, make_trainer, params, text_rows
+from helpers import INSTRUCTION, assert_same_params, digit_rows, losses_of, make_trainer, params, text_rows
 
 ATOL = 1e-5
 G, T = 3, 9  # completions per prompt, completion columns
@@ -181,3 +181,110 @@ def test_layout_and_model_reasons(tiny_text_dir):
     assert "fused LM head" in prefix.unsupported_reason(plain)
     model.config._attn_implementation = "flash_attention_2"
     assert "ignores a 4-D block mask" in prefix.unsupported_reason(model)
+
+
+# ------------------------------------------------------------------ through the trainer
+METHODS = [dict(method="grpo"), dict(method="dapo"), dict(method="luffy"), dict(method="rlplus")] + \
+    [dict(method="calibrl", gap=gap) for gap in ("token", "sequence", "sequence_mean", "constant")]
+# Two micro-batches per generation batch (partial, shuffled groups), old log-probs (steps_per_generation >
+# gradient_accumulation_steps, so TRL computes them) and a reference model (beta > 0): every TRL forward.
+ACCUM = dict(steps_per_generation=2, gradient_accumulation_steps=1, beta=0.04, max_completion_length=10)
+
+
+def _count_shared(monkeypatch):
+    calls = []
+    real = prefix.shared_logps_and_entropies
+
+    def counted(*a, **k):
+        calls.append(a[1].size(0))
+        return real(*a, **k)
+
+    monkeypatch.setattr(prefix, "shared_logps_and_entropies", counted)
+    return calls
+
+
+def _micro_batches(tr, rows):
+    """The generation batch through TRL's `_prepare_inputs`: generated, scored, shuffled, split."""
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = tr.args.gradient_accumulation_steps
+    torch.manual_seed(0)
+    first = tr._prepare_inputs(rows)
+    return [first] + [tr._buffered_inputs[i] for i in range(1, tr.args.steps_per_generation)]
+
+
+def _loss_parts(tr, inputs):
+    """The loss, each logged part and every parameter's gradient, for one micro-batch."""
+    tr._metrics["train"].clear()
+    tr.model.zero_grad(set_to_none=True)
+    loss = tr._compute_loss(tr.model, inputs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
+    return loss.detach(), {k: v[-1] for k, v in tr._metrics["train"].items()}, grads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kw", METHODS, ids=lambda kw: "-".join(kw.values()))
+def test_each_loss_part_and_the_rollout_logps_equal_the_repeated_layout(tiny_vlm_dir, tmp_path, kw, monkeypatch):
+    calls = _count_shared(monkeypatch)
+    rows = [r for r in digit_rows(4) for _ in range(4)]  # 4 groups of 4: two micro-batches of 8 rows
+    shared = make_trainer(tiny_vlm_dir, tmp_path / "on", **ACCUM, **kw)
+    plain = make_trainer(tiny_vlm_dir, tmp_path / "off", shared_prefix=False, **ACCUM, **kw)
+    mb_on, mb_off = _micro_batches(shared, rows), _micro_batches(plain, rows)
+    assert calls == [16, 16], "the old and reference forwards did not take the shared path"
+    for a, b in zip(mb_on, mb_off):  # same rollouts; old / reference / expert log-probs equal
+        assert torch.equal(a["completion_ids"], b["completion_ids"])
+        for k in ("old_per_token_logps", "ref_per_token_logps", "expert_logps"):
+            if k in b:
+                torch.testing.assert_close(a[k], b[k], atol=ATOL, rtol=0)
+    for inputs in mb_off:  # each micro-batch, the same inputs for both
+        loss_on, logs_on, g_on = _loss_parts(shared, inputs)
+        loss_off, logs_off, g_off = _loss_parts(plain, inputs)
+        torch.testing.assert_close(loss_on, loss_off, atol=ATOL, rtol=0)
+        assert logs_on.keys() == logs_off.keys()
+        for k in logs_off:
+            assert logs_on[k] == pytest.approx(logs_off[k], abs=ATOL), k
+        assert g_on.keys() == g_off.keys()
+        for n in g_off:
+            torch.testing.assert_close(g_on[n], g_off[n], atol=ATOL, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+    assert calls[2:] == [8, 8], "the policy forward did not take the shared path"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,kw", [
+    ("qwen2_5_vl", dict(method="calibrl")),
+    ("qwen2_5_vl", dict(method="luffy", gradient_accumulation_steps=2)),
+    ("llava", dict(method="grpo", steps_per_generation=2, gradient_accumulation_steps=1)),
+    ("qwen2", dict(method="calibrl", gap="sequence", gradient_accumulation_steps=2)),
+])
+def test_a_short_run_gives_the_same_weights(family, kw, request, tmp_path, monkeypatch):
+    calls = _count_shared(monkeypatch)
+    model_dir = request.getfixturevalue({"qwen2_5_vl": "tiny_vlm_dir", "llava": "tiny_llava_dir",
+                                         "qwen2": "tiny_text_dir"}[family])
+    rows = text_rows(32) if family == "qwen2" else digit_rows(32)
+    runs = {}
+    for on in (True, False):
+        # SGD: the weights differ as the gradients do. Adam divides each gradient by its own running size, so a
+        # rounding-level difference in a near-zero gradient (|g| ~ eps) becomes a sizeable share of a step.
+        tr = make_trainer(model_dir, tmp_path / str(on), rows=rows, shared_prefix=on, max_steps=3, optim="sgd",
+                          learning_rate=0.5, **kw)
+        tr.train()
+        runs[on] = tr
+    assert calls, "the shared path was not taken"
+    assert losses_of(runs[True]) == pytest.approx(losses_of(runs[False]), abs=1e-5)
+    assert_same_params(params(runs[True]), params(runs[False]), atol=1e-5)
+    model0, _ = load_tiny_model(model_dir)  # and the weights moved
+    moved = max((p.detach() - params(runs[False])[n]).abs().max().item() for n, p in model0.named_parameters())
+    assert moved > 1e-2, moved
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_share_falls_back_with_one_line(tiny_text_dir, tmp_path, monkeypatch, caplog):
+    calls = _count_shared(monkeypatch)
+    monkeypatch.delitem(prefix.FAMILIES, "qwen2")
+    tr = make_trainer(tiny_text_dir, tmp_path, rows=text_rows(32), max_steps=2, gradient_accumulation_steps=2)
+    with caplog.at_level(logging.WARNING, logger="calibrl.trainer"):
+        tr.train()
+    lines = [r.getMessage() for r in caplog.records if "shared_prefix" in r.getMessage()]
+    assert lines == ["shared_prefix: the repeated layout (each rollout runs its prompt) since model_type 'qwen2' "
+                     "is not one it knows (llama, llava, qwen2_5_vl)"]
+    assert calls == []
