@@ -164,6 +164,18 @@ def test_same_tokens_different_images_are_different_prompts(tiny_vlm_dir):
     _assert_exact(model, batch)
 
 
+def test_the_sdpa_marker_fails_loudly_without_our_entry(tiny_text_dir, monkeypatch):
+    """Attention that is not calibrl.prefix's sdpa entry cannot read the marker mask as a mask: it raises."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model, proc = _model(tiny_text_dir)
+    monkeypatch.setattr(prefix, "install_attention", lambda: None)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._local_mapping, "sdpa", sdpa_attention_forward)
+    with pytest.raises(RuntimeError):
+        _shared_forward(model, _batch(proc, "qwen2"))
+
+
 def test_layout_and_model_reasons(tiny_text_dir):
     model, proc = _model(tiny_text_dir)
     b = _batch(proc, "qwen2")

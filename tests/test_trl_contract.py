@@ -197,3 +197,32 @@ def test_shared_prefix_transformers_hooks():
     text = inspect.getsource(qvl.Qwen2_5_VLTextModel.forward)
     assert "if position_ids.ndim == 3 and position_ids.shape[0] == 4:" in text
     assert qvl.Qwen2_5_VLForConditionalGeneration.base_model_prefix == "model"
+
+
+def test_shared_prefix_attention_entry_hooks():
+    """calibrl.prefix's sdpa entry: the model files look the attention up on the one ALL_ATTENTION_FUNCTIONS
+    (an item set there is seen by all), the text attention hands it the layer's `attention_mask` object as it
+    is, passed to the layer by keyword, and a checkpointed layer keeps its keywords for the recompute (so the
+    marker mask still carries its layout in the backward)."""
+    from transformers import modeling_layers, modeling_utils
+    from transformers.models.llama import modeling_llama
+    from transformers.models.qwen2 import modeling_qwen2
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qvl
+    from transformers.utils.generic import GeneralInterface
+
+    shared = modeling_utils.ALL_ATTENTION_FUNCTIONS
+    assert isinstance(shared, GeneralInterface) and "self._local_mapping.update({key: value})" in \
+        inspect.getsource(GeneralInterface.__setitem__)
+    call = ("attention_interface(\n            self,\n            query_states,\n            key_states,\n"
+            "            value_states,\n            attention_mask,\n")
+    for mod, attn, model, passed in (
+        (modeling_qwen2, "Qwen2Attention", "Qwen2Model", "attention_mask=causal_mask_mapping[self.config.layer_types[i]]"),
+        (modeling_llama, "LlamaAttention", "LlamaModel", "attention_mask=causal_mask,"),
+        (qvl, "Qwen2_5_VLAttention", "Qwen2_5_VLTextModel", "attention_mask=causal_mask_mapping[self.config.layer_types[i]]"),
+    ):
+        assert mod.ALL_ATTENTION_FUNCTIONS is shared
+        src = inspect.getsource(getattr(mod, attn).forward)
+        assert "ALL_ATTENTION_FUNCTIONS.get_interface(" in src and call in src
+        assert passed in inspect.getsource(getattr(mod, model).forward)
+    assert "self._gradient_checkpointing_func(partial(forward, self, **kwargs), *args)" in \
+        inspect.getsource(modeling_layers.GradientCheckpointingLayer)

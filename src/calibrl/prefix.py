@@ -15,6 +15,13 @@ text models, Qwen2.5-VL's 3-D rope index) on the repeated layout and gathered. S
 the same keys, values and positions as in the repeated layout: its log-prob and entropy are equal, and so are
 the gradients (the prefix's gradient is the sum over the blocks, as it is the sum over the G copies).
 
+Attention. With sdpa, each layer runs two attentions instead of one over the packed sequence (a dense N×N mask
+would spend most of its work on block pairs that never see each other): the shared prefix, causally, and
+every block against [its prefix; itself] — S·P² + (blocks)·(T+1)·(P+T+1) scores instead of S·N². The layout
+reaches the attention on the 4-D `attention_mask` the model passes through unchanged (an empty marker tensor
+that carries it), and our sdpa entry (`install_attention`) runs it; anything else given the marker fails on
+its shape, loudly. Eager attention gets the dense additive mask.
+
 Shapes (the repeated layout, as TRL's `_get_per_token_logps_and_entropies` takes it):
     input_ids, attention_mask   (B, L), L = P + T: P prompt columns (left-padded), T = logits_to_keep
                                 completion columns (right-padded)
@@ -40,6 +47,8 @@ __all__ = [
     "repeated_position_ids",
     "pack",
     "block_mask",
+    "PrefixAttention",
+    "install_attention",
     "shared_logps_and_entropies",
 ]
 
@@ -114,6 +123,8 @@ def layout_reason(model, input_ids, attention_mask, logits_to_keep, compute_aux_
         return "prompts are not left-padded"
     if (cm.diff(dim=1) > 0).any():  # ones then zeros
         return "completions are not right-padded"
+    if cm.sum() == 0:
+        return "every completion is empty"
     if torch.isin(input_ids[:, P - 1], torch.tensor(sorted(_special_ids(model)), device=input_ids.device,
                                                           dtype=input_ids.dtype)).any():
         return "a prompt ends with an image token (it is repeated at the head of each block)"
@@ -206,6 +217,8 @@ class Packing:
     labelled:         (S, N) bool, positions that predict a completion token
     out_row, out_col: (M,) for the labelled positions in row-major order, the (row, completion column) of
                       the token they predict
+    n_shared:         per sequence, the length of its shared prefix (it starts the sequence)
+    blocks:           per block, (sequence, first position, length)
     """
 
     src_row: torch.Tensor
@@ -214,6 +227,8 @@ class Packing:
     labelled: torch.Tensor
     out_row: torch.Tensor
     out_col: torch.Tensor
+    n_shared: list[int]
+    blocks: list[tuple[int, int, int]]
 
 
 def pack(groups: list[list[int]], attention_mask, logits_to_keep) -> Packing:
@@ -223,12 +238,14 @@ def pack(groups: list[list[int]], attention_mask, logits_to_keep) -> Packing:
     P = attention_mask.size(1) - logits_to_keep
     prompt_len = attention_mask[:, :P].sum(1).tolist()
     comp_len = attention_mask[:, P:].sum(1).tolist()
-    seqs = []
-    for rows in groups:
+    seqs, n_shareds, blocks = [], [], []
+    for s, rows in enumerate(groups):
         r0 = rows[0]
         rr, cc, bb, ll = [], [], [], []
         start = P - int(prompt_len[r0])
         n_shared = P - 1 - start
+        n_shareds.append(n_shared)
+        at = n_shared
         rr.append(torch.full((n_shared,), r0)), cc.append(torch.arange(start, P - 1))
         bb.append(torch.full((n_shared,), -1)), ll.append(torch.zeros(n_shared, dtype=torch.bool))
         for k, r in enumerate(rows):
@@ -237,6 +254,8 @@ def pack(groups: list[list[int]], attention_mask, logits_to_keep) -> Packing:
                 continue  # an all-masked completion: no label, nothing to run
             rr.append(torch.full((n + 1,), r)), cc.append(torch.arange(P - 1, P + n))
             bb.append(torch.full((n + 1,), k))
+            blocks.append((s, at, n + 1))
+            at += n + 1
             ll.append(torch.arange(n + 1) < n)  # p_P .. c_{n-1} predict c_1 .. c_n; the last token predicts nothing
         seqs.append((r0, torch.cat(rr), torch.cat(cc), torch.cat(bb), torch.cat(ll)))
     N = max(len(s[1]) for s in seqs)
@@ -250,7 +269,7 @@ def pack(groups: list[list[int]], attention_mask, logits_to_keep) -> Packing:
         src_row[s] = r0
         src_row[s, :n], src_col[s, :n], block[s, :n], labelled[s, :n] = rr, cc, bb, ll
     src_row, src_col, block, labelled = (t.to(dev) for t in (src_row, src_col, block, labelled))
-    return Packing(src_row, src_col, block, labelled, src_row[labelled], src_col[labelled] + 1 - P)
+    return Packing(src_row, src_col, block, labelled, src_row[labelled], src_col[labelled] + 1 - P, n_shareds, blocks)
 
 
 def block_mask(block: torch.Tensor) -> torch.Tensor:
@@ -263,12 +282,92 @@ def block_mask(block: torch.Tensor) -> torch.Tensor:
     return (causal & ((key == -1) | (key == query))).unsqueeze(1)
 
 
-def _mask_for(model, allowed: torch.Tensor) -> torch.Tensor:
-    """The 4-D mask in the form the attention implementation reads: bool for sdpa (True = attend); additive
-    float for eager (it adds the mask to the scores), in the embeddings' dtype."""
+class PrefixAttention:
+    """The two attentions of one packed batch, for every layer (the indices are computed once per forward).
+
+    Prefix pass: positions [0, Pm) of every sequence, causal (rows past a sequence's own prefix are blocks or
+    padding there; their output is not used). Block pass: R blocks of up to Tb positions, each against the Pm
+    prefix keys of its sequence (those past its prefix masked) and its own keys, causally.
+    src (S, N) picks each position's output from [prefix outputs (S·Pm); block outputs (R·Tb); a zero row].
+    """
+
+    def __init__(self, pk: Packing):
+        dev = pk.block.device
+        S, N = pk.block.shape
+        self.calls = 0
+        self.Pm = Pm = max(pk.n_shared)
+        R, Tb = len(pk.blocks), max(n for _, _, n in pk.blocks)
+        t = torch.arange(Tb)
+        self.blk_seq = torch.tensor([s for s, _, _ in pk.blocks])
+        starts = torch.tensor([a for _, a, _ in pk.blocks])
+        lens = torch.tensor([n for _, _, n in pk.blocks])
+        self.blk_pos = starts[:, None] + torch.minimum(t[None], lens[:, None] - 1)  # padding repeats the last
+        n_shared = torch.tensor(pk.n_shared)[self.blk_seq]
+        see_prefix = torch.arange(Pm)[None, None, :] < n_shared[:, None, None]  # (R, 1, Pm)
+        see_block = (t[None, :, None] >= t[None, None, :]).expand(R, Tb, Tb)  # causal within the block
+        self.blk_mask = torch.cat([see_prefix.expand(R, Tb, Pm), see_block], dim=2).unsqueeze(1)
+        src = torch.full((S, N), S * Pm + R * Tb, dtype=torch.long)  # the zero row (padding)
+        for s, n in enumerate(pk.n_shared):
+            src[s, :n] = s * Pm + torch.arange(n)
+        for r, (s, a, n) in enumerate(pk.blocks):
+            src[s, a:a + n] = S * Pm + r * Tb + torch.arange(n)
+        self.blk_seq, self.blk_pos, self.blk_mask, self.src = (
+            x.to(dev) for x in (self.blk_seq, self.blk_pos, self.blk_mask, src))
+        self.marker = torch.empty(S, 1, N, 0, dtype=torch.bool, device=dev)  # no attention can use it as a mask
+        self.marker._calibrl_prefix = self
+
+    def attend(self, q, k, v, scaling=None, dropout=0.0):
+        """q (S, H, N, d), k and v (S, H_kv, N, d) -> (S, N, H, d), the layout attention functions return."""
+        S, H, N, d = q.shape
+        if k.size(1) != H:  # grouped-query attention: repeat the kv heads, as transformers' repeat_kv
+            k, v = (x.repeat_interleave(H // x.size(1), dim=1) for x in (k, v))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        pieces = []
+        Pm = self.Pm
+        if Pm:
+            o = sdpa(q[:, :, :Pm], k[:, :, :Pm], v[:, :, :Pm], dropout_p=dropout, scale=scaling, is_causal=True)
+            pieces.append(o.transpose(1, 2).reshape(S * Pm, H, d))
+        seq, pos = self.blk_seq[:, None], self.blk_pos
+        qb, kb, vb = (x[seq, :, pos].transpose(1, 2) for x in (q, k, v))  # (R, H, Tb, d)
+        kp, vp = (x[self.blk_seq, :, :Pm] for x in (k, v))  # (R, H, Pm, d): each block's own prefix
+        o = sdpa(qb, torch.cat([kp, kb], 2), torch.cat([vp, vb], 2), attn_mask=self.blk_mask, dropout_p=dropout,
+                 scale=scaling)
+        pieces.append(o.transpose(1, 2).reshape(-1, H, d))
+        pieces.append(q.new_zeros(1, H, d))
+        return torch.cat(pieces)[self.src]
+
+
+_INSTALLED: dict = {}
+
+
+def install_attention() -> None:
+    """Put our entry in front of transformers' "sdpa" attention (once per process): a call whose mask is a
+    `PrefixAttention` marker runs the two-pass attention; every other call goes to the sdpa it replaced."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if ALL_ATTENTION_FUNCTIONS["sdpa"] is _INSTALLED.get("entry"):
+        return
+    inner = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def sdpa_or_prefix(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        layout = getattr(attention_mask, "_calibrl_prefix", None)
+        if layout is None:
+            return inner(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        layout.calls += 1
+        return layout.attend(query, key, value, scaling=scaling, dropout=dropout), None
+
+    _INSTALLED["entry"] = sdpa_or_prefix
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_or_prefix
+
+
+def _attention_mask(model, pk: Packing):
+    """What the model gets as `attention_mask`: the sdpa marker (two-pass attention), or for eager the dense
+    block mask, additive, in the embeddings' dtype (eager adds the mask to the scores)."""
     m = core_model(model)
     if m.config.get_text_config()._attn_implementation == "sdpa":
-        return allowed
+        install_attention()
+        return PrefixAttention(pk).marker
+    allowed = block_mask(pk.block)
     dtype = m.get_input_embeddings().weight.dtype
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
@@ -308,6 +407,8 @@ def shared_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
     entropies = None
     for chunk in _chunks(groups, batch_size):
         pk = pack(chunk, attention_mask, T)
+        if not pk.blocks:  # every completion of the chunk is empty: nothing to score (its rows stay 0)
+            continue
         ids = input_ids[pk.src_row, pk.src_col]
         labels = input_ids[pk.src_row, (pk.src_col + 1).clamp(max=L - 1)].masked_fill(~pk.labelled, -100)
         p = pos[:, pk.src_row, pk.src_col]
@@ -325,8 +426,11 @@ def shared_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                 kwargs["image_sizes"] = image_sizes[imgs]
             if not imgs:  # no image in this chunk: run it as text
                 kwargs.pop("pixel_values"), kwargs.pop("image_grid_thw", None), kwargs.pop("image_sizes", None)
-        out = model(input_ids=ids, attention_mask=_mask_for(model, block_mask(pk.block)), shift_labels=labels,
-                    fused_lm_head=True, **kwargs)
+        mask = _attention_mask(model, pk)
+        out = model(input_ids=ids, attention_mask=mask, shift_labels=labels, fused_lm_head=True, **kwargs)
+        layout = getattr(mask, "_calibrl_prefix", None)
+        if layout is not None and layout.calls < core_model(model).config.get_text_config().num_hidden_layers:
+            raise RuntimeError("shared prefix: the layers' attention did not go through calibrl.prefix's sdpa entry")
         # Scatter the labelled positions back to the repeated layout's (row, completion column).
         logps = logps.to(out.log_probs.dtype).index_put((pk.out_row, pk.out_col), out.log_probs[pk.labelled])
         if out.entropy is not None:

@@ -12,7 +12,10 @@ Where we hook into TRL 1.16.0 (pinned; every hook below has a contract test in t
   _compute_loss                   the loss from the method's terms: policy term on on-policy rows, expert-row
                                   term on expert rows (LUFFY, RL-PLUS), guidance term (CalibRL's λ·L_exp),
                                   with each part logged separately.
-  _tokenize_prompts, _get_per_token_logps_and_entropies   reused as they are.
+  _get_per_token_logps_and_entropies   every forward of the completions (policy, old, reference): in the
+                                  shared-prefix layout (`calibrl.prefix`: each prompt and its images run once
+                                  for its group) when args.shared_prefix and the model allow it, else TRL's own.
+  _tokenize_prompts               reused as it is.
 
 Which method does what is `calibrl.methods` (a registry); the pure math lives in `calibrl.losses`. This file
 asks the method, moves tensors to it, aggregates and logs.
