@@ -55,7 +55,7 @@ __all__ = [
 # model_type -> how its positions are made: "column" (text models: the column index, arange over the padded row)
 # or "mrope" (Qwen2.5-VL: the model's own 3-D rope index). LLaVA's language model must be a "column" model.
 FAMILIES = {"qwen2": "column", "llama": "column", "llava": "column", "qwen2_5_vl": "mrope"}
-ATTENTION = ("sdpa", "eager")  # implementations that read a 4-D mask (flash-attention kernels do not)
+ATTENTION = ("sdpa", "eager")  # sdpa: our two-pass entry; eager: a dense 4-D mask; flash kernels take no mask
 UNSUPPORTED_FIELDS = ("pixel_attention_mask", "spatial_shapes", "num_tiles", "image_position_ids")
 _PAD_BLOCK = 1 << 30  # block ids of padding positions start here: each sees only itself
 
@@ -111,8 +111,11 @@ def layout_reason(model, input_ids, attention_mask, logits_to_keep, compute_aux_
     for k in UNSUPPORTED_FIELDS:
         if mm.get(k) is not None:
             return f"multimodal field {k!r} is not one it knows"
-    if mm.get("pixel_values") is not None and mm.get("num_images") is None:
+    pv = mm.get("pixel_values")
+    if pv is not None and mm.get("num_images") is None:
         return "pixel_values without num_images"
+    if pv is not None and mm.get("image_grid_thw") is None and pv.size(0) != sum(mm["num_images"]):
+        return "pixel_values are neither per patch (image_grid_thw) nor per image"
     if attention_mask.dim() != 2:
         return "the attention mask is not (B, L)"
     P = input_ids.size(1) - logits_to_keep
