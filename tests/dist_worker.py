@@ -49,7 +49,7 @@ def main(model_dir: str, out_dir: str) -> None:
         output_dir=out_dir, use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=1,
         seed=0, disable_tqdm=True, max_steps=2, learning_rate=5e-3, num_generations=4,
         per_device_train_batch_size=16 // world, max_completion_length=64, reward_weights=[1.0, 0.1],
-        gap="token", ddp_find_unused_parameters=True,
+        gap="token", ddp_find_unused_parameters=True, shared_prefix=os.environ.get("SHARED_PREFIX", "1") == "1",
     )
     tr = Recording(model=model, reward_funcs=[hash_accuracy, hash_format], args=cfg,
                    train_dataset=Dataset.from_list(rows), processing_class=proc)
