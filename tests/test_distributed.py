@@ -41,8 +41,13 @@ def load(out: str):
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_vlm_dir, tmp_path_factory):
-    base = tmp_path_factory.mktemp("dist")
+def dist_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("dist")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_vlm_dir, dist_dir):
+    base = dist_dir
     launch(1, tiny_vlm_dir, str(base / "one"))
     launch(2, tiny_vlm_dir, str(base / "two"))
     return load(str(base / "one")), load(str(base / "two"))
@@ -76,13 +81,16 @@ def test_two_processes_match_one(runs):
     assert worst < 1e-5, worst
 
 
-def test_two_processes_shared_prefix_equals_the_repeated_layout(runs, tiny_vlm_dir, tmp_path):
+def test_two_processes_shared_prefix_equals_the_repeated_layout(runs, dist_dir, tiny_vlm_dir, tmp_path):
     """Under DDP (2 gloo processes) the shared-prefix forward trains as the repeated layout: same rollouts,
     losses to float rounding; weights to 1e-4 (Adam divides each gradient by its own running size, so rounding in
     a near-zero gradient grows to a small share of a step: tests/test_prefix.py compares them under SGD)."""
     _, (two, logs2, p2) = runs  # shared prefix (the default)
     launch(2, tiny_vlm_dir, str(tmp_path / "off"), shared_prefix=False)
     off, logs_off, p_off = load(str(tmp_path / "off"))
+    shared_calls = {run: [json.load(open(os.path.join(folder, f"shared-{r}.json"))) for r in (0, 1)]
+                    for run, folder in (("on", str(dist_dir / "two")), ("off", str(tmp_path / "off")))}
+    assert all(n > 0 for n in shared_calls["on"]) and shared_calls["off"] == [0, 0], shared_calls
     two, off = {k: v for k, v in two.items() if k != "_files"}, {k: v for k, v in off.items() if k != "_files"}
     assert two.keys() == off.keys()
     for k in off:
