@@ -187,7 +187,8 @@ def test_shared_prefix_transformers_hooks():
         assert "attn_weights = attn_weights + attention_mask" in inspect.getsource(mod.eager_attention_forward)
     for cls in (modeling_qwen2.Qwen2Model, modeling_llama.LlamaModel):
         src = inspect.getsource(cls.forward)
-        assert "position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens" in src
+        arange = "position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens"
+        assert arange in src
         assert "create_causal_mask(" in src
     assert list(inspect.signature(qvl.Qwen2_5_VLModel.compute_3d_position_ids).parameters) == [
         "self", "input_ids", "image_grid_thw", "video_grid_thw", "inputs_embeds", "attention_mask", "cache",
@@ -215,10 +216,11 @@ def test_shared_prefix_attention_entry_hooks():
         inspect.getsource(GeneralInterface.__setitem__)
     call = ("attention_interface(\n            self,\n            query_states,\n            key_states,\n"
             "            value_states,\n            attention_mask,\n")
+    by_layer_type = "attention_mask=causal_mask_mapping[self.config.layer_types[i]]"
     for mod, attn, model, passed in (
-        (modeling_qwen2, "Qwen2Attention", "Qwen2Model", "attention_mask=causal_mask_mapping[self.config.layer_types[i]]"),
+        (modeling_qwen2, "Qwen2Attention", "Qwen2Model", by_layer_type),
         (modeling_llama, "LlamaAttention", "LlamaModel", "attention_mask=causal_mask,"),
-        (qvl, "Qwen2_5_VLAttention", "Qwen2_5_VLTextModel", "attention_mask=causal_mask_mapping[self.config.layer_types[i]]"),
+        (qvl, "Qwen2_5_VLAttention", "Qwen2_5_VLTextModel", by_layer_type),
     ):
         assert mod.ALL_ATTENTION_FUNCTIONS is shared
         src = inspect.getsource(getattr(mod, attn).forward)
