@@ -5,7 +5,12 @@ both trainers start from the same tiny Qwen2.5-VL with the same seed and learnin
 same completions step for step and differ only in the expert forward and the guidance term. Steps of the two
 methods interleave, alternating which goes first (machines are noisy); we report medians and their ratio.
 
-    python -m benchmarks.step_time [--steps 20] [--size small] [--generations 8]
+    python -m benchmarks.step_time [--steps 20] [--size small] [--generations 8] [--shared-prefix on|off]
+
+`--shared-prefix compare` instead times the policy forward + backward of one generated batch in TRL's repeated
+layout and in the shared-prefix layout (calibrl.prefix), side by side in this process, and reports the ratio:
+
+    python -m benchmarks.step_time --shared-prefix compare --prompts 16 --generations 8 --max-new-tokens 80 --threads 1
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ def make_trainer(method: str, model_dir: str, dataset, args, out: str):
         disable_tqdm=True, seed=0, learning_rate=0.0, max_steps=args.steps,
         per_device_train_batch_size=args.prompts * args.generations, num_generations=args.generations,
         max_completion_length=args.max_new_tokens, reward_weights=[1.0, 0.1],
+        shared_prefix=args.shared_prefix != "off",
     )
     tr = CalibRLTrainer(model=model, reward_funcs=[accuracy_reward, format_reward], args=cfg,
                         train_dataset=dataset, processing_class=proc)
@@ -48,6 +54,39 @@ def timed_step(tr, batch: list[dict], seed: int) -> float:
     return time.perf_counter() - t
 
 
+def prefix_side_by_side(args, model_dir: str, dataset, out: str) -> dict:
+    """Policy forward + backward (`_compute_loss`, then backward) of one generated batch, repeated layout
+    against shared prefix, alternating which goes first; the first round is a warm-up."""
+    tr = make_trainer("grpo", model_dir, dataset, args, out)
+    torch.manual_seed(0)
+    inputs = tr._prepare_inputs(next(iter(tr.get_train_dataloader())))  # generated and scored once
+    times: dict[str, list[float]] = {"repeated": [], "shared": []}
+    for rep in range(args.steps + 1):
+        for mode in (("repeated", "shared") if rep % 2 == 0 else ("shared", "repeated")):
+            tr.args.shared_prefix = mode == "shared"
+            t = time.perf_counter()
+            tr._compute_loss(tr.model, inputs).backward()
+            dt = time.perf_counter() - t
+            tr.model.zero_grad(set_to_none=True)
+            if rep > 0:
+                times[mode].append(dt)
+    med = {m: statistics.median(v) for m, v in times.items()}
+    lens = inputs["completion_mask"].sum(1).float()
+    result = {
+        "median_fwd_bwd_s": med, "ratio_shared_over_repeated": med["shared"] / med["repeated"],
+        "repeats": len(times["shared"]), "prompt_columns": inputs["prompt_ids"].size(1),
+        "prompt_tokens_mean": inputs["prompt_mask"].sum(1).float().mean().item(),
+        "completion_tokens_mean": lens.mean().item(),
+        "setting": {"model": f"tiny qwen2_5_vl/{args.size}", "prompts": args.prompts,
+                    "generations": args.generations, "max_new_tokens": args.max_new_tokens,
+                    "threads": torch.get_num_threads()},
+    }
+    print(f"median policy forward+backward  repeated {med['repeated']:.3f} s   shared prefix {med['shared']:.3f} s   "
+          f"ratio shared/repeated {result['ratio_shared_over_repeated']:.3f}   ({result['repeats']} repeats each; "
+          f"prompt {result['prompt_tokens_mean']:.0f} tokens, completions {result['completion_tokens_mean']:.0f})")
+    return result
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
@@ -56,6 +95,8 @@ def main(argv=None) -> dict:
     p.add_argument("--generations", type=int, default=8, help="rollouts per prompt")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--shared-prefix", choices=("on", "off", "compare"), default="on",
+                   help="the policy forward's layout for both methods, or 'compare': repeated vs shared prefix")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
     if args.threads:
@@ -68,6 +109,12 @@ def main(argv=None) -> dict:
     model, proc = build_tiny_model("qwen2_5_vl", args.size, seed=0)
     save_tiny_model(model, proc, f"{tmp}/model")
     ds = to_hf_dataset(make_dataset("digits", "train", n=256, seed=0, expert_style="mismatched"))
+    if args.shared_prefix == "compare":
+        result = prefix_side_by_side(args, f"{tmp}/model", ds, f"{tmp}/prefix")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return result
 
     trainers = {m: make_trainer(m, f"{tmp}/model", ds, args, f"{tmp}/{m}") for m in ("grpo", "calibrl")}
     batches = iter(trainers["grpo"].get_train_dataloader())
@@ -89,7 +136,7 @@ def main(argv=None) -> dict:
         "timed_steps_per_method": len(times["grpo"]),
         "setting": {"model": f"tiny qwen2_5_vl/{args.size}", "prompts": args.prompts,
                     "generations": args.generations, "max_new_tokens": args.max_new_tokens,
-                    "threads": torch.get_num_threads()},
+                    "threads": torch.get_num_threads(), "shared_prefix": args.shared_prefix},
         "wall_s": time.time() - t0,
     }
     print(f"median step time  GRPO {med['grpo']:.3f} s   CalibRL {med['calibrl']:.3f} s   "

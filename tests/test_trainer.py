@@ -26,7 +26,10 @@ pytestmark = pytest.mark.slow  # every test here trains a model or starts proces
 def test_method_grpo_reproduces_trl_grpo_trainer(tiny_vlm_dir, tmp_path, extra):
     ref = make_trainer(tiny_vlm_dir, tmp_path / "trl", cls=GRPOTrainer, cfg_cls=GRPOConfig, max_steps=2, **extra)
     ref.train()
-    ours = make_trainer(tiny_vlm_dir, tmp_path / "ours", method="grpo", max_steps=2, **extra)
+    # shared_prefix=False: TRL runs the repeated layout, and weight-for-weight equality at 1e-6 after Adam needs
+    # the same summation order (the shared prefix is equal to float rounding, which Adam's per-parameter
+    # normalisation magnifies on near-zero gradients; tests/test_prefix.py compares the two layouts).
+    ours = make_trainer(tiny_vlm_dir, tmp_path / "ours", method="grpo", max_steps=2, shared_prefix=False, **extra)
     ours.train()
     assert len(losses_of(ref)) == 2
     assert losses_of(ours) == pytest.approx(losses_of(ref), abs=1e-6)

@@ -146,3 +146,85 @@ def test_hook_return_shapes(trainer):
     assert len(prompt_ids) == 2 and len(images) == 2 and "pixel_values" in mm
     completions, logprobs = trainer._generate_single_turn(prompt_ids, images, mm, 2)
     assert len(completions) == 2 and all(isinstance(t, int) for t in completions[0]) and logprobs is None
+
+
+# ------------------------------------------------------------------ the shared-prefix forward (calibrl.prefix)
+def test_shared_prefix_trl_hooks():
+    """Every TRL forward of the completions (old and reference log-probs, and ours) goes through
+    `_get_per_token_logps_and_entropies`, which we override; it calls the fused-head model with `labels` and
+    `fused_lm_head=True`, and the head also takes pre-shifted `shift_labels` (scored at every position), which
+    the shared layout needs (the last prompt token is repeated at the head of each block)."""
+    from trl.trainer import utils
+
+    src = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    assert src.count("self._get_per_token_logps_and_entropies(") == 3  # old, reference, PEFT reference
+    assert "model(**model_inputs, labels=labels, fused_lm_head=True)" in \
+        inspect.getsource(GRPOTrainer._get_per_token_logps_and_entropies)
+    assert list(inspect.signature(utils.add_fused_lm_head).parameters) == [
+        "model", "temperature", "cast_lm_head_to_fp32", "outputs"]
+    head = inspect.getsource(utils.add_fused_lm_head)
+    assert "def _fused_forward(\n        self, *args, fused_lm_head=False, labels=None, shift_labels=None" in head
+    assert "hidden_states = backbone_outputs.last_hidden_state\n            labels = shift_labels" in head
+    assert "model.forward = types.MethodType(_fused_forward, model)" in head  # what prefix._is_fused looks for
+    assert 'backbone_attr = "base_model"' in head
+    assert "is zero where the label is `-100`" in utils.FusedCausalLMOutput.__doc__
+
+
+def test_shared_prefix_transformers_hooks():
+    """A 4-D mask reaches the attention as it is; sdpa reads a bool mask, eager adds a float one; text models
+    without position ids use the column index; Qwen2.5-VL's 3-D positions come from `compute_3d_position_ids`
+    when none are passed, and 3-row position ids are used as they are (no packed-sequence mask from them)."""
+    from transformers import masking_utils
+    from transformers.integrations import sdpa_attention
+    from transformers.models.llama import modeling_llama
+    from transformers.models.qwen2 import modeling_qwen2
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qvl
+
+    assert "if isinstance(attention_mask, (torch.Tensor, BlockMask)) and len(attention_mask.shape) == 4:\n" \
+        "        return True, attention_mask" in inspect.getsource(masking_utils._preprocess_mask_arguments)
+    assert "elif attention_mask.dtype == torch.bool:" in inspect.getsource(sdpa_attention)
+    for mod in (modeling_qwen2, modeling_llama, qvl):
+        assert "attn_weights = attn_weights + attention_mask" in inspect.getsource(mod.eager_attention_forward)
+    for cls in (modeling_qwen2.Qwen2Model, modeling_llama.LlamaModel):
+        src = inspect.getsource(cls.forward)
+        arange = "position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens"
+        assert arange in src
+        assert "create_causal_mask(" in src
+    assert list(inspect.signature(qvl.Qwen2_5_VLModel.compute_3d_position_ids).parameters) == [
+        "self", "input_ids", "image_grid_thw", "video_grid_thw", "inputs_embeds", "attention_mask", "cache",
+        "second_per_grid_ts", "mm_token_type_ids"]
+    fwd = inspect.getsource(qvl.Qwen2_5_VLModel.forward)
+    assert "if position_ids is None:\n            position_ids = self.compute_3d_position_ids(" in fwd
+    text = inspect.getsource(qvl.Qwen2_5_VLTextModel.forward)
+    assert "if position_ids.ndim == 3 and position_ids.shape[0] == 4:" in text
+    assert qvl.Qwen2_5_VLForConditionalGeneration.base_model_prefix == "model"
+
+
+def test_shared_prefix_attention_entry_hooks():
+    """calibrl.prefix's sdpa entry: the model files look the attention up on the one ALL_ATTENTION_FUNCTIONS
+    (an item set there is seen by all), the text attention hands it the layer's `attention_mask` object as it
+    is, passed to the layer by keyword, and a checkpointed layer keeps its keywords for the recompute (so the
+    marker mask still carries its layout in the backward)."""
+    from transformers import modeling_layers, modeling_utils
+    from transformers.models.llama import modeling_llama
+    from transformers.models.qwen2 import modeling_qwen2
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qvl
+    from transformers.utils.generic import GeneralInterface
+
+    shared = modeling_utils.ALL_ATTENTION_FUNCTIONS
+    assert isinstance(shared, GeneralInterface) and "self._local_mapping.update({key: value})" in \
+        inspect.getsource(GeneralInterface.__setitem__)
+    call = ("attention_interface(\n            self,\n            query_states,\n            key_states,\n"
+            "            value_states,\n            attention_mask,\n")
+    by_layer_type = "attention_mask=causal_mask_mapping[self.config.layer_types[i]]"
+    for mod, attn, model, passed in (
+        (modeling_qwen2, "Qwen2Attention", "Qwen2Model", by_layer_type),
+        (modeling_llama, "LlamaAttention", "LlamaModel", "attention_mask=causal_mask,"),
+        (qvl, "Qwen2_5_VLAttention", "Qwen2_5_VLTextModel", by_layer_type),
+    ):
+        assert mod.ALL_ATTENTION_FUNCTIONS is shared
+        src = inspect.getsource(getattr(mod, attn).forward)
+        assert "ALL_ATTENTION_FUNCTIONS.get_interface(" in src and call in src
+        assert passed in inspect.getsource(getattr(mod, model).forward)
+    assert "self._gradient_checkpointing_func(partial(forward, self, **kwargs), *args)" in \
+        inspect.getsource(modeling_layers.GradientCheckpointingLayer)

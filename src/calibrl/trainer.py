@@ -12,7 +12,10 @@ Where we hook into TRL 1.16.0 (pinned; every hook below has a contract test in t
   _compute_loss                   the loss from the method's terms: policy term on on-policy rows, expert-row
                                   term on expert rows (LUFFY, RL-PLUS), guidance term (CalibRL's λ·L_exp),
                                   with each part logged separately.
-  _tokenize_prompts, _get_per_token_logps_and_entropies   reused as they are.
+  _get_per_token_logps_and_entropies   every forward of the completions (policy, old, reference): in the
+                                  shared-prefix layout (`calibrl.prefix`: each prompt and its images run once
+                                  for its group) when args.shared_prefix and the model allow it, else TRL's own.
+  _tokenize_prompts               reused as it is.
 
 Which method does what is `calibrl.methods` (a registry); the pure math lives in `calibrl.losses`. This file
 asks the method, moves tensors to it, aggregates and logs.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
 import os
 from typing import Any
 
@@ -31,12 +35,14 @@ from trl.data_utils import is_conversational, prepare_multimodal_messages
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import pad
 
-from calibrl import checkpoints, losses
+from calibrl import checkpoints, losses, prefix
 from calibrl.config import CalibRLConfig  # noqa: F401 (re-exported: calibrl.trainer.CalibRLConfig)
 from calibrl.data import IMAGE_PLACEHOLDERS  # never in expert ids: they break Qwen's rope index
 from calibrl.methods import Guidance, LossBatch, get_method
 from calibrl.multimodal import row_images
 from calibrl.reward_guard import FAULT_KINDS, GuardedReward, RewardFaults
+
+logger = logging.getLogger(__name__)
 
 
 class CalibRLTrainer(GRPOTrainer):
@@ -88,6 +94,7 @@ class CalibRLTrainer(GRPOTrainer):
             tid for tid in (self._tokenizer.convert_tokens_to_ids(t) for t in IMAGE_PLACEHOLDERS)
             if isinstance(tid, int) and tid != self._tokenizer.unk_token_id and tid is not None
         }
+        self._prefix_fallbacks: set[str] = set()  # reasons already logged (one line each, not one per step)
 
     # ------------------------------------------------------------------------------------------------------
     # Setup helpers
@@ -411,7 +418,8 @@ class CalibRLTrainer(GRPOTrainer):
                    "token_type_ids", "mm_token_type_ids", "image_position_ids")
         fwd = {k: v for k, v in fwd.items() if k in allowed}
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            # GRPOTrainer's own: one row per group, so nothing to share (and no fallback line to log)
+            logps, entropies, _ = super()._get_per_token_logps_and_entropies(
                 self.model, torch.cat([p_ids, e_ids], 1), torch.cat([p_mask, e_mask], 1), e_ids.size(1),
                 batch_size=len(rows), compute_entropy=True, num_images=num_images, **fwd,
             )
@@ -451,6 +459,42 @@ class CalibRLTrainer(GRPOTrainer):
         output["has_expert"] = has_expert
         c = const if self.args.constant_logp is None else torch.tensor(float(self.args.constant_logp))
         output["expert_constant"] = torch.full((B,), float(c), device=device)
+
+    # ------------------------------------------------------------------------------------------------------
+    # The policy forward: shared prefix (calibrl.prefix) or TRL's repeated layout
+    # ------------------------------------------------------------------------------------------------------
+    def _shared_prefix_reason(self, model, input_ids, attention_mask, logits_to_keep, compute_aux_loss, mm):
+        """Why this forward takes the repeated layout (None: it shares the prefix)."""
+        if not self.args.shared_prefix:
+            return "off"
+        if self.tools or self.rollout_func is not None or self.environment_factories is not None:
+            return "tools, rollout_func or environment_factory can put images or other context in completions"
+        return (prefix.unsupported_reason(model)
+                or prefix.layout_reason(model, input_ids, attention_mask, logits_to_keep, compute_aux_loss, **mm))
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **mm):
+        """TRL's per-token log-probs and entropies (every policy, old and reference forward goes through here),
+        from the shared-prefix layout when `args.shared_prefix` and the model and batch allow it: equal to the
+        repeated layout's to float rounding, forward and backward. Otherwise TRL's own, said once per reason."""
+        reason = self._shared_prefix_reason(model, input_ids, attention_mask, logits_to_keep, compute_aux_loss, mm)
+        groups = None
+        if reason is None:
+            groups = prefix.prompt_groups(input_ids, attention_mask, logits_to_keep, mm.get("pixel_values"),
+                                          mm.get("image_grid_thw"), mm.get("num_images"))
+            if len(groups) == input_ids.size(0):
+                reason = "no two rows of a batch share a prompt"
+        if reason is not None:
+            if reason != "off" and reason not in self._prefix_fallbacks:
+                self._prefix_fallbacks.add(reason)
+                logger.warning("shared_prefix: the repeated layout (each rollout runs its prompt) since %s", reason)
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **mm)
+        with self.accelerator.autocast():
+            logps, entropies = prefix.shared_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, groups=groups, batch_size=batch_size, **mm)
+        return logps, (entropies if compute_entropy else None), None
 
     # ------------------------------------------------------------------------------------------------------
     # The loss
