@@ -267,6 +267,29 @@ def test_yaml_and_command_line_types_agree(tmp_path):
     assert config.learning_rate == 2e-4  # the command line wins
 
 
+def test_booleans_read_the_same_from_yaml_a_mapping_and_flags(tmp_path):
+    """Every bool field, whatever its default, takes false and true from YAML and from a benchmark's mapping as
+    its flag does (a field defaulting to True also has a `--no_<name>` option with the same destination)."""
+    import dataclasses
+
+    from calibrl.config import CalibRLConfig, RunArgs, parse_config
+
+    fields = [f.name for t in (CalibRLConfig, RunArgs) for f in dataclasses.fields(t)
+              if f.type in ("bool", bool) and f.name in ("shared_prefix", "weight_by_abs_adv", "guard_rewards",
+                                                         "onpolicy_clip", "expert_in_group_stats", "overwrite")]
+    assert len(fields) == 6
+    for value in (False, True):
+        path = tmp_path / f"b{value}.yaml"
+        path.write_text(yaml.safe_dump({name: value for name in fields}))
+        from_yaml = load_train_config(str(path))
+        from_flags = load_train_config(None, [t for name in fields for t in (f"--{name}", str(value).lower())])
+        from_values = parse_config([CalibRLConfig, RunArgs], values={name: value for name in fields})
+        for name in fields:
+            got = [getattr(next(o for o in objs if hasattr(o, name)), name)
+                   for objs in (from_yaml, from_flags, from_values)]
+            assert got == [value] * 3, (name, got)
+
+
 def test_task_types_filter_train_and_test_but_not_ood():
     from calibrl.tasks import task_rows
 

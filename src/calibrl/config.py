@@ -405,7 +405,10 @@ def parse_config(
     or a value the dataclass itself rejects (its `__post_init__` check).
     """
     parser = _make_parser(dataclass_types)
-    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    actions: dict[str, argparse.Action] = {}
+    for a in parser._actions:  # a bool field that defaults to True also gets a `--no_<name>` (store_false,
+        if a.option_strings:  # same dest, added after it): a value is read by the field's own option
+            actions.setdefault(a.dest, a)
     given = _coerce_mapping(preset or {}, actions, "defaults")
     given.update(_coerce_mapping(values or {}, actions, "values"))
     if config_path is not None:
