@@ -11,6 +11,10 @@ methods interleave, alternating which goes first (machines are noisy); we report
 layout and in the shared-prefix layout (calibrl.prefix), side by side in this process, and reports the ratio:
 
     python -m benchmarks.step_time --shared-prefix compare --prompts 16 --generations 8 --max-new-tokens 80 --threads 1
+
+and, the same way, generation (TRL's HF `generate`, `_generate_single_turn`) with each rollout prefilling its
+prompt and with the shared prefill (calibrl.prefill: each distinct prompt and its images prefilled once), from
+the same seed, so both sample the same completions (checked).
 """
 
 from __future__ import annotations
@@ -87,6 +91,44 @@ def prefix_side_by_side(args, model_dir: str, dataset, out: str) -> dict:
     return result
 
 
+def generation_side_by_side(args, tr, batch: list[dict]) -> dict:
+    """TRL's HF generation of one batch, plain against shared prefill, alternating which goes first, the same
+    seed each time (so the same completions, checked); the first round is a warm-up."""
+    from trl.data_utils import is_conversational, prepare_multimodal_messages
+
+    from calibrl.multimodal import row_images
+
+    prompts = [prepare_multimodal_messages(x["prompt"], images=row_images(x))
+               if row_images(x) and is_conversational(x) else x["prompt"] for x in batch]
+    prompt_ids, images, mm = tr._tokenize_prompts(prompts)
+    times: dict[str, list[float]] = {"plain": [], "shared": []}
+    outs: dict[str, list] = {}
+    for rep in range(args.gen_repeats + 1):
+        for mode in (("plain", "shared") if rep % 2 == 0 else ("shared", "plain")):
+            tr.args.shared_prefix = mode == "shared"
+            before = tr._prefill_stats["shared"]
+            torch.manual_seed(rep)
+            t = time.perf_counter()
+            with torch.no_grad():
+                completions, _ = tr._generate_single_turn(prompt_ids, images, mm, args.generations)
+            dt = time.perf_counter() - t
+            assert (tr._prefill_stats["shared"] > before) == (mode == "shared"), "the shared prefill did not run"
+            outs.setdefault(rep, {})[mode] = completions
+            if rep > 0:
+                times[mode].append(dt)
+    same = all(o["plain"] == o["shared"] for o in outs.values())
+    med = {m: statistics.median(v) for m, v in times.items()}
+    lens = [len(c) for o in outs.values() for c in o["plain"]]
+    result = {"median_generate_s": med, "ratio_shared_over_plain": med["shared"] / med["plain"],
+              "repeats": len(times["shared"]), "same_completions": same, "rows": len(prompt_ids),
+              "prompt_tokens_mean": sum(map(len, prompt_ids)) / len(prompt_ids),
+              "completion_tokens_mean": sum(lens) / len(lens)}
+    print(f"median generation  plain {med['plain']:.3f} s   shared prefill {med['shared']:.3f} s   ratio shared/plain "
+          f"{result['ratio_shared_over_plain']:.3f}   ({result['repeats']} repeats each; same completions: {same}; "
+          f"prompt {result['prompt_tokens_mean']:.0f} tokens, completions {result['completion_tokens_mean']:.0f})")
+    return result
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
@@ -97,6 +139,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--shared-prefix", choices=("on", "off", "compare"), default="on",
                    help="the policy forward's layout for both methods, or 'compare': repeated vs shared prefix")
+    p.add_argument("--gen-repeats", type=int, default=3, help="compare: timed generations per mode")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
     if args.threads:
@@ -111,6 +154,8 @@ def main(argv=None) -> dict:
     ds = to_hf_dataset(make_dataset("digits", "train", n=256, seed=0, expert_style="mismatched"))
     if args.shared_prefix == "compare":
         result = prefix_side_by_side(args, f"{tmp}/model", ds, f"{tmp}/prefix")
+        tr = make_trainer("grpo", f"{tmp}/model", ds, args, f"{tmp}/prefill")
+        result["generation"] = generation_side_by_side(args, tr, next(iter(tr.get_train_dataloader())))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)

@@ -228,3 +228,42 @@ def test_shared_prefix_attention_entry_hooks():
         assert passed in inspect.getsource(getattr(mod, model).forward)
     assert "self._gradient_checkpointing_func(partial(forward, self, **kwargs), *args)" in \
         inspect.getsource(modeling_layers.GradientCheckpointingLayer)
+
+
+# ------------------------------------------------------------------ shared prefill in generation (calibrl.prefill)
+def test_shared_prefill_trl_hooks():
+    """TRL's HF path calls `generate` once on the unwrapped model (whose `_prefill` and pre-encoding we replace
+    for that call); vLLM and continuous batching are other branches of the same method."""
+    src = inspect.getsource(GRPOTrainer._generate_single_turn)
+    assert src.count("unwrapped_model.generate(") == 1 and "if self.use_vllm:" in src
+    assert "elif self.use_transformers_continuous_batching:" in src
+    assert "**generate_inputs, generation_config=self.generation_config" in src
+
+
+def test_shared_prefill_generate_hooks():
+    """generate: position ids (Qwen2.5-VL: its 3-D rope index and rope_deltas, for every row) are built, then
+    `_maybe_prepare_encoder_kwargs_for_generation` may pre-encode the images, then the dynamic cache is made,
+    then the decoding method calls `_prefill` once and keeps its `cache`; `reorder_cache` index-selects rows."""
+    from transformers import GenerationMixin
+    from transformers.cache_utils import Cache, DynamicLayer
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qvl
+
+    assert list(inspect.signature(GenerationMixin._prefill).parameters) == [
+        "self", "input_ids", "generation_config", "model_kwargs", "is_first_iteration"]
+    assert list(inspect.signature(GenerationMixin._maybe_prepare_encoder_kwargs_for_generation).parameters) == [
+        "self", "inputs_tensor", "model_kwargs", "model_input_name", "generation_config"]
+    gen = inspect.getsource(GenerationMixin.generate)
+    order = ["model_kwargs[\"position_ids\"] = self._prepare_position_ids_for_generation(",
+             "model_kwargs = self._maybe_prepare_encoder_kwargs_for_generation(",
+             "self._prepare_cache_for_generation("]
+    at = [gen.index(s) for s in order]
+    assert at == sorted(at)
+    sample = inspect.getsource(GenerationMixin._sample)
+    assert sample.count("self._prefill(") == 1 and 'model_kwargs["cache"] = outputs["cache"]' in \
+        inspect.getsource(GenerationMixin._update_model_kwargs_for_generation)
+    assert "outputs.logits[:, -1]" in sample
+    assert "self.keys = self.keys.index_select(0, beam_idx" in inspect.getsource(DynamicLayer.reorder_cache)
+    assert "self.layers[layer_idx].reorder_cache(beam_idx)" in inspect.getsource(Cache.reorder_cache)
+    assert "self.model.rope_deltas = rope_deltas" in \
+        inspect.getsource(qvl.Qwen2_5_VLForConditionalGeneration._prepare_position_ids_for_generation)
+    assert "pixel_values" in inspect.getsource(qvl.Qwen2_5_VLModel.forward)

@@ -81,8 +81,9 @@ class CalibRLConfig(GRPOConfig):
     reward_timeout: float | None = field(default=60.0, metadata={"help": "Seconds before a reward call is cut "
                                          "(guard_rewards); None = no limit."})
     shared_prefix: bool = field(default=True, metadata={"help": "Run each group's prompt and images once, not "
-                                "once per rollout: in the policy forward/backward and in generation without vLLM. "
-                                "Exact; where a model or option cannot use it, the repeated layout, said in one log line."})
+                                "once per rollout: in the policy forward/backward (calibrl.prefix) and in the prefill "
+                                "of HF generation without vLLM (calibrl.prefill). Exact; where a model or option "
+                                "cannot use it, the repeated layout, said in one log line."})
     scale_rewards: str = field(default="none", metadata={"help": "Advantage normalisation: 'none' (official "
                                "scripts, mean-centred), 'group' (paper, z-score) or 'batch'. 'dapo' forces 'group'."})
 

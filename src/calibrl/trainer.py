@@ -4,7 +4,9 @@ Where we hook into TRL 1.16.0 (pinned; every hook below has a contract test in t
   _calculate_rewards              capture the (N, n_funcs) reward matrix: the pass sign comes from the accuracy
                                   component, not from a threshold on the total reward (METHOD.md §5.4).
   _generate_single_turn           methods with `expert_in_slot` (LUFFY, RL-PLUS): put the expert's tokens into
-                                  the last slot of its group.
+                                  the last slot of its group. With args.shared_prefix and HF generation (no
+                                  vLLM), TRL's `generate` runs inside `calibrl.prefill.shared_prefill`: each
+                                  distinct prompt and its images are prefilled once, the cache expanded.
   _generate_and_score_completions add per-row tensors: pass sign, expert flag, the method's advantages, and
                                   (methods that `needs_expert_forward`: CalibRL with λ > 0) the expert's
                                   per-token log-probs under the pre-update policy, from one no-grad forward per
@@ -23,6 +25,7 @@ asks the method, moves tensors to it, aggregates and logs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import logging
@@ -35,7 +38,7 @@ from trl.data_utils import is_conversational, prepare_multimodal_messages
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import pad
 
-from calibrl import checkpoints, losses, prefix
+from calibrl import checkpoints, losses, prefill, prefix
 from calibrl.config import CalibRLConfig  # noqa: F401 (re-exported: calibrl.trainer.CalibRLConfig)
 from calibrl.data import IMAGE_PLACEHOLDERS  # never in expert ids: they break Qwen's rope index
 from calibrl.methods import Guidance, LossBatch, get_method
@@ -94,7 +97,8 @@ class CalibRLTrainer(GRPOTrainer):
             tid for tid in (self._tokenizer.convert_tokens_to_ids(t) for t in IMAGE_PLACEHOLDERS)
             if isinstance(tid, int) and tid != self._tokenizer.unk_token_id and tid is not None
         }
-        self._prefix_fallbacks: set[str] = set()  # reasons already logged (one line each, not one per step)
+        self._prefix_fallbacks: set[tuple[str, str]] = set()  # reasons already logged (one line each, not per step)
+        self._prefill_stats: dict[str, int] = {"shared": 0}  # generate calls whose prefill was shared
 
     # ------------------------------------------------------------------------------------------------------
     # Setup helpers
@@ -278,9 +282,10 @@ class CalibRLTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
-        completion_ids, logprobs = super()._generate_single_turn(
-            prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
-        )
+        with self._generation_prefill():
+            completion_ids, logprobs = super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+            )
         if self._expert_slots is not None:  # LUFFY / RL-PLUS: the expert takes the last slot of its group
             completion_ids = list(completion_ids)
             if logprobs is not None:
@@ -291,6 +296,26 @@ class CalibRLTrainer(GRPOTrainer):
                     if logprobs is not None:  # no sampling log-probs: NaN makes vLLM's IS ratio exactly 1
                         logprobs[i] = [float("nan")] * len(ids)
         return completion_ids, logprobs
+
+    def _generation_prefill(self):
+        """Around TRL's generate: with args.shared_prefix and the HF path, each distinct prompt is prefilled
+        once (`calibrl.prefill`); vLLM caches prefixes itself. Fallbacks are logged once per reason."""
+        a = self.args
+        if not a.shared_prefix or self.use_vllm:
+            return contextlib.nullcontext()
+        if self.use_transformers_continuous_batching:
+            self._log_prefix_fallback("continuous batching (generate_batch) manages its own cache",
+                                      "generation prefills each rollout's prompt")
+            return contextlib.nullcontext()
+        return prefill.shared_prefill(
+            self.model, lambda why: self._log_prefix_fallback(why, "generation prefills each rollout's prompt"),
+            stats=self._prefill_stats)
+
+    def _log_prefix_fallback(self, reason: str, what: str = "the repeated layout (each rollout runs its prompt)"):
+        """One warning line per (what, reason) for the whole run."""
+        if (what, reason) not in self._prefix_fallbacks:
+            self._prefix_fallbacks.add((what, reason))
+            logger.warning("shared_prefix: %s since %s", what, reason)
 
     def _generate_and_score_completions(self, inputs):
         active = self.guidance_active()
@@ -485,9 +510,8 @@ class CalibRLTrainer(GRPOTrainer):
             if len(groups) == input_ids.size(0):
                 reason = "no two rows of a batch share a prompt"
         if reason is not None:
-            if reason != "off" and reason not in self._prefix_fallbacks:
-                self._prefix_fallbacks.add(reason)
-                logger.warning("shared_prefix: the repeated layout (each rollout runs its prompt) since %s", reason)
+            if reason != "off":
+                self._log_prefix_fallback(reason)
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **mm)
