@@ -300,3 +300,18 @@ def test_a_model_that_cannot_share_falls_back_with_one_line(tiny_text_dir, tmp_p
     assert lines == ["shared_prefix: the repeated layout (each rollout runs its prompt) since model_type 'qwen2' "
                      "is not one it knows (llama, llava, qwen2_5_vl)"]
     assert calls == []
+
+
+def test_core_model_unwraps_a_deepspeed_like_engine_whose_config_is_a_dict():
+    """DeepSpeed's engine has `.module` and a `.config` of its own (a dict): the model inside is what counts."""
+    from calibrl.models import build_tiny_model
+    from calibrl.prefix import core_model
+
+    model, _ = build_tiny_model("qwen2", "nano", seed=0)
+
+    class Engine(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.config = module, {"zero_optimization": {"stage": 3}}
+
+    assert core_model(Engine(model)) is model

@@ -62,8 +62,11 @@ _PAD_BLOCK = 1 << 30  # block ids of padding positions start here: each sees onl
 
 def core_model(model):
     """The transformers model inside DDP / DeepSpeed (`.module`) and PEFT (`get_base_model`) wrappers."""
+    from transformers import PretrainedConfig
+
     m = model
-    while hasattr(m, "module") and not hasattr(m, "config"):
+    # a DeepSpeed engine has a `config` of its own (a dict): unwrap until the config is a model's
+    while hasattr(m, "module") and not isinstance(getattr(m, "config", None), PretrainedConfig):
         m = m.module
     if hasattr(m, "get_base_model"):
         m = m.get_base_model()
