@@ -44,6 +44,22 @@ def digit_indices(row: dict) -> list[int]:
     return list(meta.get("indices", [])) if row["task"].startswith("digits/") else []
 
 
+def mixed_length_prompts(family: str, images_per_prompt: int = 1) -> list[tuple[list[dict], list]]:
+    """Three chat prompts of different lengths (a batch of them is left-padded), each with its images: for a
+    VLM family the digit scan of `digit_rows` plus `images_per_prompt - 1` generated images; none for qwen2."""
+    out = []
+    for i, n_words in enumerate((1, 6, 14)):
+        question = "What is the sum of the digits? " + "Think carefully. " * n_words + INSTRUCTION
+        if family == "qwen2":
+            out.append(([{"role": "user", "content": question}], []))
+            continue
+        imgs = digit_rows(3)[i]["images"] + [Image.new("RGB", (28 + 28 * j, 28), (40 * i, 80, 30 * j))
+                                             for j in range(images_per_prompt - 1)]
+        content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": question}]
+        out.append(([{"role": "user", "content": content}], imgs))
+    return out
+
+
 def text_of(c) -> str:
     return c[0]["content"] if isinstance(c, list) else c
 

@@ -6,12 +6,11 @@ import logging
 
 import pytest
 import torch
-from PIL import Image
 
 from calibrl import prefill
 from calibrl.models import load_tiny_model
 
-from helpers import INSTRUCTION, digit_rows, make_trainer, text_rows
+from helpers import digit_rows, make_trainer, mixed_length_prompts, text_rows
 
 ATOL = 1e-5
 G = 3
@@ -21,16 +20,7 @@ DIRS = {"qwen2_5_vl": "tiny_vlm_dir", "llava": "tiny_llava_dir", "qwen2": "tiny_
 def _inputs(proc, family: str, images_per_prompt: int = 1, seed: int = 0, repeat: int = G):
     """Three prompts of different lengths (left padding), each `repeat` times, rows shuffled (grouping is by
     content, not position); VLM prompts with their images (several per prompt for Qwen2.5-VL if asked)."""
-    prompts = []
-    for i, n_words in enumerate((1, 6, 14)):
-        q = "What is the sum of the digits? " + "Think carefully. " * n_words + INSTRUCTION
-        if family == "qwen2":
-            prompts.append(([{"role": "user", "content": q}], []))
-            continue
-        imgs = digit_rows(3)[i]["images"] + [Image.new("RGB", (28 + 28 * j, 28), (40 * i, 80, 30 * j))
-                                             for j in range(images_per_prompt - 1)]
-        prompts.append(([{"role": "user", "content": [{"type": "image"} for _ in imgs] + [{"type": "text",
-                                                                                            "text": q}]}], imgs))
+    prompts = mixed_length_prompts(family, images_per_prompt)
     rows = [p for p in prompts for _ in range(repeat)]
     perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     rows = [rows[i] for i in perm]

@@ -8,14 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from PIL import Image
 from trl import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 from calibrl import prefix
 from calibrl.models import load_tiny_model
 
-from helpers import INSTRUCTION, assert_same_params, digit_rows, losses_of, make_trainer, params, text_rows
+from helpers import assert_same_params, digit_rows, losses_of, make_trainer, mixed_length_prompts, params, text_rows
 
 ATOL = 1e-5
 G, T = 3, 9  # completions per prompt, completion columns
@@ -43,27 +42,11 @@ def _model(model_dir, attn="sdpa"):
     return model.train(), proc  # dropout is 0 in the tiny configs: train mode is deterministic
 
 
-def _prompts(family: str, images_per_prompt: int = 1):
-    """Three prompts of different lengths (so the batch is left-padded), with their images (VLMs)."""
-    out = []
-    for i, n_words in enumerate((1, 6, 14)):
-        question = "What is the sum of the digits? " + "Think carefully. " * n_words + INSTRUCTION
-        if family == "qwen2":
-            out.append(([{"role": "user", "content": question}], []))
-            continue
-        row = digit_rows(3)[i]
-        imgs = row["images"] + [Image.new("RGB", (28 + 28 * j, 28), (40 * i, 80, 30 * j))
-                                for j in range(images_per_prompt - 1)]
-        content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": question}]
-        out.append(([{"role": "user", "content": content}], imgs))
-    return out
-
-
 def _batch(proc, family: str, images_per_prompt: int = 1, seed: int = 0):
     """A repeated-layout batch as TRL builds it: each prompt G times, left-padded; random completions of random
     lengths, right-padded; rows shuffled (as TRL shuffles a generation batch before splitting it)."""
     g = torch.Generator().manual_seed(seed)
-    prompts = [p for p in _prompts(family, images_per_prompt) for _ in range(G)]
+    prompts = [p for p in mixed_length_prompts(family, images_per_prompt) for _ in range(G)]
     tok = proc if family == "qwen2" else proc.tokenizer
     texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) if family == "qwen2"
              else proc.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m, _ in prompts]
